@@ -1,0 +1,347 @@
+"""``BatchedAdaptiveEmbeddingBag``: a table-batched embedding bag whose backward
+applies the optimizer in place on the touched rows ("fused", as FBGEMM's TBE).
+
+Why our own kernel: FBGEMM's fused optimizers are a fixed, code-generated list
+(and its fused Adam refuses to run on CPU), so AdamAR, FAL and the rest cannot be
+added to it. The module mirrors the public surface of FBGEMM's
+``SplitTableBatchedEmbeddingBagsCodegen`` (``split_embedding_weights``,
+``get_optimizer_state``, ``get/set_learning_rate``, ``set_optimizer_step``,
+``update_hyper_parameters``, ``flush``) so TorchRec can wrap it like FBGEMM's.
+
+How backward stays sparse: the coalesced gradient of each touched row is itself an
+embedding bag over the pooled-output gradients (row r's gradient is the weighted
+sum of the gradients of the bags that contain r). After sorting the lookups by
+row, one ``embedding_bag`` call on the output gradient computes all of them, so
+no dense table gradient and no per-lookup ``[L, D]`` tensor is ever built.
+Everything is device-agnostic torch ops: the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..rules.apply import RowUpdate, allocate_row_state, update_rows
+from ..rules.configs import RuleConfig
+from ..rules.optimizers import count_quantile
+from ..rules.transforms import scale_by_row_frequency
+from .inputs import BOUNDS_CHECK_MODES, NONFINITE_MODES, check_bounds, check_input_tensors, nonfinite_features
+from .layout import DimGroup, TableSpec, plan_layout
+
+POOLING_MODES = ("sum", "mean")
+
+
+@dataclass
+class _GroupLookups:
+    """One dim-group's share of a batch, kept from forward for the fused backward."""
+
+    indices: Tensor  # [L_g] int64, rows relative to the group's block
+    offsets: Tensor  # [F_g * B + 1] int64
+    bag_lengths: Tensor  # [F_g * B]
+    per_sample_weights: Tensor | None
+
+
+class _FusedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, weights: Tensor, module: "BatchedAdaptiveEmbeddingBag", lookups: list[_GroupLookups], batch_size: int) -> Tensor:  # type: ignore[override]
+        ctx.module, ctx.lookups, ctx.batch_size = module, lookups, batch_size
+        return module._pooled_forward(lookups, batch_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[None, None, None, None]:  # type: ignore[override]
+        ctx.module._fused_backward(ctx.lookups, ctx.batch_size, grad_output)
+        return None, None, None, None
+
+
+def default_weights_init(table: TableSpec, weight: Tensor) -> None:
+    """TorchRec's default for ``EmbeddingBagConfig``: U(-sqrt(1/n), sqrt(1/n))."""
+    bound = math.sqrt(1.0 / table.num_rows)
+    weight.uniform_(-bound, bound)
+
+
+class BatchedAdaptiveEmbeddingBag(nn.Module):
+    """Table-batched pooled embedding lookup with a fused, lazy, per-row optimizer.
+
+    Args:
+        tables: the tables held in one flat buffer (mixed dims allowed).
+        rule: the update rule (e.g. ``AdamARConfig``), from ``Cls.rule_config(**kwargs)``.
+        feature_table_map: table of each input feature (several features may share a table).
+        pooling: ``"sum"`` or ``"mean"``.
+        bounds_check: ``"error"`` (raise naming table and ID), ``"warn"`` (clamp into range), ``"off"``.
+        nonfinite: NaN/Inf output gradients are refused before they reach the weights:
+            ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (step count not advanced).
+        weights_init: ``f(table, weight_view)``; TorchRec's default uniform init if None.
+        validate_offsets: check offsets are monotone and end at len(indices) (a host sync).
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[TableSpec],
+        rule: RuleConfig,
+        *,
+        feature_table_map: Sequence[int] | None = None,
+        pooling: str = "sum",
+        device: torch.device | str | None = None,
+        bounds_check: str = "error",
+        nonfinite: str = "raise",
+        weights_init: Callable[[TableSpec, Tensor], None] | None = None,
+        validate_offsets: bool = True,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        if bounds_check not in BOUNDS_CHECK_MODES:
+            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECK_MODES}, got {bounds_check!r}")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if not isinstance(rule, RuleConfig):
+            raise TypeError(f"rule must be a RuleConfig (e.g. AdamAR.rule_config(...)), got {type(rule).__name__}")
+        self.layout = plan_layout(tables, feature_table_map)
+        self.rule = rule
+        self.chain = rule.build()
+        self.pooling = pooling
+        self.bounds_check = bounds_check
+        self.nonfinite = nonfinite
+        self.validate_offsets = validate_offsets
+        self.learning_rate = rule.lr
+        self.optimizer_step = 0
+        self.epoch = 1
+        device = torch.device(device) if device is not None else torch.device("cpu")
+
+        lay = self.layout
+        self.weights = nn.Parameter(torch.empty(lay.total_elems, device=device))
+        init = weights_init or default_weights_init
+        with torch.no_grad():
+            for t, w in zip(lay.tables, self.split_embedding_weights()):
+                init(t, w)
+        # Flat storage for every state slot, in the same layout as the weights.
+        self._slots = self.chain.slots()
+        flat = allocate_row_state(self._slots, lay.total_rows, 1, device)
+        for s in self._slots:
+            buf = torch.full((lay.total_elems,), s.init, dtype=s.dtype, device=device) if s.per_element else flat[s.name]
+            self.register_buffer(f"state_{s.name}", buf)
+
+        ftm = torch.tensor(lay.feature_table_map, dtype=torch.long)
+        rows = torch.tensor([t.num_rows for t in lay.tables], dtype=torch.long)
+        group_start = torch.tensor([lay.groups[g].row_start for g in lay.feature_group], dtype=torch.long)
+        self.register_buffer("_feature_rows", rows[ftm].to(device), persistent=False)
+        # Row offset of each feature's table inside its dim-group block.
+        self.register_buffer(
+            "_feature_row_offset", (torch.tensor(lay.row_start)[ftm] - group_start).to(device), persistent=False
+        )
+        kappa = torch.tensor([t.lr_multiplier * rule.lr_multiplier for t in lay.tables], dtype=torch.float32)
+        self.register_buffer("_table_kappa", kappa.to(device), persistent=False)
+        self._feature_cols: list[tuple[int, int]] = []
+        col = 0
+        for f in range(len(lay.feature_table_map)):
+            d = lay.tables[lay.feature_table_map[f]].dim
+            self._feature_cols.append((col, col + d))
+            col += d
+        self._fal = next((t for t in self.chain.transforms if isinstance(t, scale_by_row_frequency)), None)
+
+    # ------------------------------------------------------------------ views
+    def _slot_buffer(self, name: str) -> Tensor:
+        return getattr(self, f"state_{name}")
+
+    def _group_views(self, g: DimGroup) -> tuple[Tensor, dict[str, Tensor]]:
+        n, d = g.num_rows, g.dim
+        w = self.weights.detach()[g.elem_start : g.elem_start + n * d].view(n, d)
+        state = {}
+        for s in self._slots:
+            buf = self._slot_buffer(s.name)
+            if s.per_element:
+                state[s.name] = buf[g.elem_start : g.elem_start + n * d].view(n, d)
+            else:
+                state[s.name] = buf[g.row_start : g.row_start + n]
+        return w, state
+
+    def split_embedding_weights(self) -> list[Tensor]:
+        """Per table, a ``[num_rows, dim]`` view into the flat buffer (table order)."""
+        lay = self.layout
+        return [
+            self.weights.detach()[lay.elem_start[i] : lay.elem_start[i] + t.num_rows * t.dim].view(t.num_rows, t.dim)
+            for i, t in enumerate(lay.tables)
+        ]
+
+    def get_optimizer_state(self) -> list[dict[str, Tensor]]:
+        """Per table, its state slots as views: per-row ``[num_rows]``, per-element ``[num_rows, dim]``."""
+        lay = self.layout
+        out = []
+        for i, t in enumerate(lay.tables):
+            d: dict[str, Tensor] = {}
+            for s in self._slots:
+                buf = self._slot_buffer(s.name)
+                if s.per_element:
+                    d[s.name] = buf[lay.elem_start[i] : lay.elem_start[i] + t.num_rows * t.dim].view(t.num_rows, t.dim)
+                else:
+                    d[s.name] = buf[lay.row_start[i] : lay.row_start[i] + t.num_rows]
+            out.append(d)
+        return out
+
+    # ------------------------------------------------- FBGEMM-shaped controls
+    def get_learning_rate(self) -> float:
+        return self.learning_rate
+
+    def set_learning_rate(self, lr: float) -> None:
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"learning rate must be >= 0 and finite, got {lr}")
+        self.learning_rate = float(lr)
+
+    def set_optimizer_step(self, step: int) -> None:
+        if step < 0:
+            raise ValueError(f"optimizer step must be >= 0, got {step}")
+        self.optimizer_step = int(step)
+
+    def update_hyper_parameters(self, params: dict[str, float]) -> None:
+        params = dict(params)
+        if "lr" in params:
+            self.set_learning_rate(params.pop("lr"))
+        self.chain.set_hyper_parameters(params)
+
+    def flush(self) -> None:
+        """Nothing is cached off the weights, so there is nothing to write back."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """FAL's m_r(e) uses the epoch; a ratio tail threshold is re-estimated here."""
+        if epoch < 1:
+            raise ValueError(f"epochs count from 1, got {epoch}")
+        self.epoch = int(epoch)
+        self.refresh_row_statistics()
+
+    def refresh_row_statistics(self) -> None:
+        """Re-estimate FAL's per-table quantile threshold from the counts so far."""
+        if self._fal is None or not self._fal.tau_is_ratio:
+            return
+        counts = self.get_optimizer_state()
+        self._fal.tau_by_table = torch.stack([count_quantile(c["row_count"], self._fal.tau) for c in counts])
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer_step": self.optimizer_step, "learning_rate": self.learning_rate, "epoch": self.epoch}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.optimizer_step = int(state["optimizer_step"])
+        self.learning_rate = float(state["learning_rate"])
+        self.epoch = int(state["epoch"])
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
+        lay = self.layout
+        batch_size = check_input_tensors(lay, indices, offsets, per_sample_weights, self.validate_offsets)
+        if per_sample_weights is not None and self.pooling != "sum":
+            raise ValueError("per_sample_weights need pooling='sum' (as in torch.nn.EmbeddingBag)")
+        num_features = len(lay.feature_table_map)
+        indices, offsets = indices.long(), offsets.long()
+        bag_lengths = offsets[1:] - offsets[:-1]
+        feature_lengths = bag_lengths.view(num_features, batch_size).sum(dim=1)
+        feature_of_lookup = torch.repeat_interleave(torch.arange(num_features, device=indices.device), feature_lengths)
+        indices = check_bounds(lay, indices, feature_of_lookup, self._feature_rows, self.bounds_check)
+        block_rows = indices + self._feature_row_offset[feature_of_lookup]
+        psw = per_sample_weights.to(self.weights.dtype) if per_sample_weights is not None else None
+
+        lookups = []
+        if len(lay.groups) == 1:
+            lookups.append(_GroupLookups(block_rows, offsets - offsets[0], bag_lengths, psw))
+        else:
+            group_of_feature = torch.tensor(lay.feature_group, device=indices.device)
+            lookup_group = group_of_feature[feature_of_lookup]
+            for g, grp in enumerate(lay.groups):
+                mask = lookup_group == g
+                lengths = bag_lengths.view(num_features, batch_size)[list(grp.features)].reshape(-1)
+                offs = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=indices.device)
+                torch.cumsum(lengths, 0, out=offs[1:])
+                lookups.append(_GroupLookups(block_rows[mask], offs, lengths, psw[mask] if psw is not None else None))
+        return _FusedLookup.apply(self.weights, self, lookups, batch_size)
+
+    def _pooled_forward(self, lookups: list[_GroupLookups], batch_size: int) -> Tensor:
+        lay = self.layout
+        if len(lay.groups) == 1:
+            g = lay.groups[0]
+            w, _ = self._group_views(g)
+            out = self._embedding_bag(w, lookups[0])
+            return out.view(len(g.features), batch_size, g.dim).transpose(0, 1).reshape(batch_size, -1)
+        pieces: list[Tensor] = [torch.empty(0)] * len(lay.feature_table_map)
+        for g, lk in zip(lay.groups, lookups):
+            if not g.features:
+                continue
+            w, _ = self._group_views(g)
+            out = self._embedding_bag(w, lk).view(len(g.features), batch_size, g.dim)
+            for j, f in enumerate(g.features):
+                pieces[f] = out[j]
+        return torch.cat(pieces, dim=1)
+
+    def _embedding_bag(self, weight: Tensor, lk: _GroupLookups) -> Tensor:
+        return F.embedding_bag(
+            lk.indices, weight, lk.offsets, mode=self.pooling,
+            per_sample_weights=lk.per_sample_weights, include_last_offset=True,
+        )
+
+    # --------------------------------------------------------------- backward
+    @torch.no_grad()
+    def _fused_backward(self, lookups: list[_GroupLookups], batch_size: int, grad_output: Tensor) -> None:
+        lay = self.layout
+        bad = nonfinite_features(lay, grad_output, self._feature_cols)
+        if bad:
+            msg = f"non-finite gradient for {', '.join(bad)}"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg + "; the update was refused, weights and optimizer state are unchanged")
+            warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=2)
+            return
+        step = self.optimizer_step + 1
+        if self._fal is not None and self._fal.tau_is_ratio and (step - 1) % self.rule.fal.tau_refresh_steps == 0:  # type: ignore[union-attr]
+            self.refresh_row_statistics()
+        for g, lk in zip(lay.groups, lookups):
+            if not g.features or lk.indices.numel() == 0:
+                continue
+            bag_grads = self._bag_grads(g, grad_output, batch_size)
+            rows, grad_rows, occurrences = self._coalesce(lk, bag_grads)
+            w, state = self._group_views(g)
+            lr, table = self._row_learning_rates(g, rows)
+            update_rows(self.chain, w, state, RowUpdate(rows, grad_rows, occurrences, lr, table), step, self.epoch)
+        self.optimizer_step = step
+
+    def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> Tensor:
+        """[F_g * B, D]: the output gradient of each bag of this group, feature-major."""
+        if len(self.layout.groups) == 1:
+            return grad_output.view(batch_size, len(g.features), g.dim).transpose(0, 1).reshape(-1, g.dim)
+        cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
+        return torch.stack(cols, dim=0).reshape(-1, g.dim)
+
+    def _coalesce(self, lk: _GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Unique rows, their summed gradients and occurrence counts (see module docstring)."""
+        sorted_rows, perm = torch.sort(lk.indices)
+        rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+        num_bags = lk.bag_lengths.numel()
+        bag_of_lookup = torch.repeat_interleave(torch.arange(num_bags, device=perm.device), lk.bag_lengths)
+        if lk.per_sample_weights is not None:
+            lookup_weight: Tensor | None = lk.per_sample_weights[perm]
+        elif self.pooling == "mean":
+            lookup_weight = (1.0 / lk.bag_lengths.clamp(min=1).to(bag_grads.dtype))[bag_of_lookup][perm]
+        else:
+            lookup_weight = None
+        row_offsets = torch.zeros(rows.numel() + 1, dtype=torch.long, device=rows.device)
+        torch.cumsum(counts, 0, out=row_offsets[1:])
+        grad_rows = F.embedding_bag(
+            bag_of_lookup[perm], bag_grads, row_offsets, mode="sum",
+            per_sample_weights=lookup_weight, include_last_offset=True,
+        )
+        return rows, grad_rows, counts.to(torch.float32)
+
+    def _row_learning_rates(self, g: DimGroup, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """lr * kappa_t per row, and each row's table index when a rule needs it."""
+        need_table = len(g.tables) > 1 and (
+            (self._fal is not None and self._fal.tau_is_ratio)
+            or len({self.layout.tables[t].lr_multiplier for t in g.tables}) > 1
+        )
+        if not need_table:
+            kappa = float(self._table_kappa[g.tables[0]])
+            table = torch.full_like(rows, g.tables[0]) if (self._fal is not None and self._fal.tau_is_ratio) else None
+            return torch.full((rows.numel(), 1), self.learning_rate * kappa, device=rows.device), table
+        starts = torch.tensor(g.table_row_starts, device=rows.device)
+        table = torch.tensor(g.tables, device=rows.device)[torch.searchsorted(starts, rows, right=True) - 1]
+        return (self.learning_rate * self._table_kappa[table]).unsqueeze(1), table

@@ -1,0 +1,56 @@
+"""Gather, run a chain, scatter: the one place where rows meet their storage.
+
+Both the fused kernel (per group of equal-dim tables) and the unsharded
+``torch.optim`` front ends call :func:`update_rows`, so the rule is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import RowBatch, RowChain, StateSlot
+
+
+def allocate_row_state(slots: tuple[StateSlot, ...], num_rows: int, dim: int, device: torch.device | None) -> dict[str, Tensor]:
+    """Storage for every slot of a chain: [num_rows] or [num_rows, dim]."""
+    out: dict[str, Tensor] = {}
+    for s in slots:
+        shape = (num_rows, dim) if s.per_element else (num_rows,)
+        out[s.name] = torch.full(shape, s.init, dtype=s.dtype, device=device)
+    return out
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    """The coalesced rows of one step for one storage block."""
+
+    rows: Tensor  # [U] int64, unique
+    grad: Tensor  # [U, D]
+    occurrences: Tensor  # [U] float32
+    lr: Tensor  # [U, 1]
+    table: Tensor | None = None  # [U]
+
+
+def update_rows(chain: RowChain, weight: Tensor, state: dict[str, Tensor], upd: RowUpdate, step: int, epoch: int) -> None:
+    """Apply ``chain`` to the rows ``upd.rows`` of ``weight`` [R, D] and ``state`` in place."""
+    if upd.rows.numel() == 0:
+        return
+    rows = upd.rows
+    batch = RowBatch(
+        rows=rows,
+        weight=weight.index_select(0, rows),
+        grad=upd.grad,
+        lr=upd.lr,
+        occurrences=upd.occurrences,
+        step=step,
+        epoch=epoch,
+        table=upd.table,
+    )
+    gathered = {name: buf.index_select(0, rows) for name, buf in state.items()}
+    new_state = chain.update(batch, gathered)
+    weight.index_copy_(0, rows, batch.weight.to(weight.dtype))
+    for name, value in new_state.items():
+        state[name].index_copy_(0, rows, value.to(state[name].dtype))

@@ -1,0 +1,140 @@
+"""The optimizer classes users name: ``RowWiseAdagrad``, ``Adam``, ``AdamAR``.
+
+They play two roles:
+
+* the *name* a TorchRec user passes to ``apply_optimizer_in_backward``; the
+  sharder turns class + kwargs into a :class:`RuleConfig` for the fused kernel;
+* a real ``torch.optim.Optimizer`` for unsharded parameters (an unsharded
+  ``EmbeddingBagCollection``, a plain ``nn.EmbeddingBag``), running the very same
+  chain on the rows that got a gradient. With a dense gradient a row is touched
+  when its gradient row is nonzero, and it counts one occurrence; a sparse
+  gradient (``nn.EmbeddingBag(sparse=True)``) gives exact duplicate counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import Tensor
+
+from .apply import RowUpdate, allocate_row_state, update_rows
+from .base import RowChain
+from .configs import AdamARConfig, AdamConfig, RowWiseAdagradConfig, RuleConfig
+from .transforms import scale_by_row_frequency
+
+
+def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """rows, coalesced grad rows and occurrences from a dense or sparse gradient."""
+    if grad.is_sparse:
+        idx = grad._indices()[0]
+        rows, inverse, counts = torch.unique(idx, sorted=True, return_inverse=True, return_counts=True)
+        g = torch.zeros(rows.numel(), grad.shape[1], dtype=grad.dtype, device=grad.device)
+        g.index_add_(0, inverse, grad._values())
+        return rows, g, counts.to(torch.float32)
+    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, grad.index_select(0, rows), torch.ones(rows.numel(), device=grad.device)
+
+
+class AdaptiveRowOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` running a row chain on 2-D parameters (one table each)."""
+
+    config_type: ClassVar[type[RuleConfig]] = RuleConfig
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> None:
+        self.config = self.rule_config(**kwargs)
+        defaults = self.config.to_kwargs()
+        defaults["epoch"] = 1
+        super().__init__(params, defaults)
+        self._chains: dict[int, RowChain] = {}
+
+    @classmethod
+    def rule_config(cls, **kwargs: Any) -> RuleConfig:
+        """Validated config for these kwargs; what the fused kernel of a shard runs."""
+        return cls.config_type.from_kwargs(**kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        for group in self.param_groups:
+            group["epoch"] = int(epoch)
+
+    def _chain_for(self, p: Tensor) -> RowChain:
+        if id(p) not in self._chains:
+            self._chains[id(p)] = self.config.build()
+        return self._chains[id(p)]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            group["step"] = group.get("step", 0) + 1
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.dim() != 2:
+                    raise ValueError(f"{type(self).__name__} updates embedding tables (2-D), got shape {tuple(p.shape)}")
+                grad = p.grad
+                if not torch.isfinite(grad._values() if grad.is_sparse else grad).all():
+                    raise FloatingPointError(
+                        f"{type(self).__name__}: non-finite gradient for a table of shape {tuple(p.shape)}; "
+                        "the update was refused and weights/state are unchanged"
+                    )
+                chain = self._chain_for(p)
+                state = self.state[p]
+                if not state:
+                    state.update(allocate_row_state(chain.slots(), p.shape[0], p.shape[1], p.device))
+                self._refresh_frequency_threshold(chain, state, group["step"])
+                rows, g, occ = _touched_rows(grad)
+                lr = torch.full((rows.numel(), 1), group["lr"] * group["lr_multiplier"], device=p.device)
+                update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr), group["step"], group["epoch"])
+        return loss
+
+    def _refresh_frequency_threshold(self, chain: RowChain, state: dict[str, Tensor], step: int) -> None:
+        fal = self.config.fal
+        if fal is None or not fal.tau_is_ratio or (step - 1) % fal.tau_refresh_steps:
+            return
+        for t in chain.transforms:
+            if isinstance(t, scale_by_row_frequency):
+                t.tau_by_table = count_quantile(state["row_count"], fal.tau).reshape(1)
+
+
+def count_quantile(counts: Tensor, q: float) -> Tensor:
+    """The q-quantile of the nonzero counts (1.0 when no row was seen yet)."""
+    seen = counts[counts > 0]
+    if seen.numel() == 0:
+        return torch.ones((), dtype=counts.dtype, device=counts.device)
+    return torch.quantile(seen.float(), q) if seen.numel() <= 16_000_000 else seen.float().kthvalue(
+        max(1, int(q * seen.numel()))
+    ).values
+
+
+class RowWiseAdagrad(AdaptiveRowOptimizer):
+    """Row-wise Adagrad, FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` (kwargs of :class:`RowWiseAdagradConfig`)."""
+
+    config_type = RowWiseAdagradConfig
+
+
+class Adam(AdaptiveRowOptimizer):
+    """Lazy Adam with global-step bias correction (kwargs of :class:`AdamConfig`)."""
+
+    config_type = AdamConfig
+
+
+class AdamAR(AdaptiveRowOptimizer):
+    """AdamAR: Adam moments + adaptive decay by idle time (kwargs of :class:`AdamARConfig`)."""
+
+    config_type = AdamARConfig
+
+
+ADAPTIVE_OPTIMIZERS: tuple[type[AdaptiveRowOptimizer], ...] = (RowWiseAdagrad, Adam, AdamAR)
+
+
+def is_adaptive_optimizer(cls: Any) -> bool:
+    """True for our optimizer classes (what the sharder routes to our kernel)."""
+    return isinstance(cls, type) and issubclass(cls, AdaptiveRowOptimizer)
+
+
+def config_from_optimizer(cls: type, kwargs: dict[str, Any]) -> RuleConfig:
+    """The kernel config for ``apply_optimizer_in_backward(cls, ..., kwargs)``."""
+    if not is_adaptive_optimizer(cls):
+        raise TypeError(f"{cls!r} is not a torchrec_adaptive optimizer; use one of {[c.__name__ for c in ADAPTIVE_OPTIMIZERS]}")
+    return cls.rule_config(**dict(kwargs))  # type: ignore[attr-defined]

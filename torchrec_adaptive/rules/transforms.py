@@ -1,0 +1,272 @@
+"""The per-row transforms that update rules are chained from.
+
+Naming follows optax: ``scale_by_*`` turns the gradient into a direction,
+``add_*`` changes the weights or the gradient, ``track_*`` keeps bookkeeping
+state. Every formula is the one of ``shared/METHODS.md``; each transform is small
+so that a rule reads as its chain (AdamAR = history + adaptive decay + Adam).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import RowBatch, StateSlot
+
+LAST_STEP = "row_last_step"
+COUNT = "row_count"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class track_row_history:  # noqa: N801 - optax-style factory name
+    """Keeps s_r (last step the row was touched) and c_r (its occurrence count).
+
+    Publishes ``skipped`` = I_r = k - s_r - 1 (computed *before* s_r is moved to
+    k, which is what the decays need) and ``count`` = c_r after this batch, with
+    duplicates counted. With a half-life h, c_r <- occ + 2^(-(k - s_r)/h) c_r, as
+    FBGEMM's counter-based regularization decays its counter.
+    """
+
+    half_life: float = 0.0  # 0: no decay of counts
+
+    def validate(self) -> None:
+        _check(self.half_life >= 0 and math.isfinite(self.half_life),
+               f"count_half_life must be >= 0 and finite, got {self.half_life}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return (StateSlot(LAST_STEP, torch.int64), StateSlot(COUNT, torch.float32))
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        last = state[LAST_STEP]
+        count = state[COUNT]
+        gap = batch.step - last  # k - s_r
+        batch.extras["skipped"] = gap - 1
+        if self.half_life > 0:
+            count = batch.occurrences + torch.exp2(-gap.to(count.dtype) / self.half_life) * count
+        else:
+            count = count + batch.occurrences
+        batch.extras["count"] = count
+        return {LAST_STEP: torch.full_like(last, batch.step), COUNT: count}
+
+
+@dataclass
+class add_adaptive_row_decay:  # noqa: N801
+    """AdamAR's decay of a row by how long it went untouched (seeds/adamar_*).
+
+    ``linear`` (the seed's rule): theta_r <- (1 - min(1, alpha I_r)) theta_r.
+    ``exponential``: theta_r <- (1 - alpha)^I_r theta_r, the exact lazy form of
+    decaying by (1 - alpha) on every skipped step.
+    ``fbgemm``: FBGEMM's ``rowwise_rmsprop_ar`` parametrization,
+    shrink = max(min_shrinkage, 1 - clip(lr alpha (k - s_r), 0, 1)), with
+    k - s_r = 1 on first touch, so users can match that kernel.
+    """
+
+    alpha: float = 1e-3
+    mode: str = "linear"
+    min_shrinkage: float = 0.0
+
+    def validate(self) -> None:
+        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        _check(self.mode in ("linear", "exponential", "fbgemm"),
+               f"decay must be 'linear' or 'exponential' (interval='fbgemm' for FBGEMM's form), got {self.mode!r}")
+        _check(0.0 <= self.min_shrinkage <= 1.0, f"min_shrinkage must be in [0, 1], got {self.min_shrinkage}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.alpha == 0.0:
+            return {}
+        skipped = batch.extras["skipped"].to(batch.weight.dtype)
+        if self.mode == "linear":
+            keep = 1.0 - torch.clamp(self.alpha * skipped, max=1.0)
+        elif self.mode == "exponential":
+            keep = torch.pow(1.0 - self.alpha, skipped)
+        else:
+            first = batch.extras["skipped"] == batch.step - 1  # s_r == 0: never touched
+            delta = torch.where(first, torch.ones_like(skipped), skipped + 1.0)
+            shrink = 1.0 - torch.clamp(batch.lr.squeeze(1) * self.alpha * delta, 0.0, 1.0)
+            keep = torch.clamp(shrink, min=self.min_shrinkage)
+        batch.weight.mul_(keep.unsqueeze(1))
+        return {}
+
+
+@dataclass
+class add_decoupled_row_decay:  # noqa: N801
+    """AdamW-style decoupled weight decay on touched rows: theta <- theta - lr wd theta."""
+
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+               f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.weight_decay != 0.0:
+            batch.weight.mul_(1.0 - batch.lr * self.weight_decay)
+        return {}
+
+
+@dataclass
+class add_l2_to_row_grad:  # noqa: N801
+    """Coupled L2 regularization: g <- g + wd theta (FBGEMM's ``WeightDecayMode.L2``)."""
+
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
+               f"weight_decay must be >= 0, got {self.weight_decay}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.weight_decay != 0.0:
+            batch.grad = batch.grad.add(batch.weight, alpha=self.weight_decay)
+        return {}
+
+
+@dataclass
+class scale_by_rowwise_adagrad:  # noqa: N801
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD: G_r += mean_j g_rj^2; direction = g / (sqrt(G_r) + eps)."""
+
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return (StateSlot("momentum", torch.float32),)
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        g = batch.grad
+        acc = state["momentum"] + g.square().mean(dim=1)
+        batch.grad = g / (acc.sqrt() + self.eps).unsqueeze(1)
+        return {"momentum": acc}
+
+
+@dataclass
+class scale_by_row_adam:  # noqa: N801
+    """Lazy Adam on touched rows, bias-corrected with the *global* step k.
+
+    m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+    direction = (m / (1 - b1^k)) / (sqrt(v / (1 - b2^k)) + eps),
+    i.e. ``torch.optim.Adam``'s and FBGEMM's fused ADAM's eps placement. PyTorch's
+    SparseAdam adds eps before the bias correction of v; with eps=1e-8 the two
+    agree to 1e-5 (shared/METHODS.md).
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        _check(0.0 <= self.beta1 < 1.0, f"betas[0] must be in [0, 1), got {self.beta1}")
+        _check(0.0 <= self.beta2 < 1.0, f"betas[1] must be in [0, 1), got {self.beta2}")
+        _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return (StateSlot("exp_avg", per_element=True), StateSlot("exp_avg_sq", per_element=True))
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        g = batch.grad
+        m = state["exp_avg"].lerp_(g, 1.0 - self.beta1)
+        v = state["exp_avg_sq"].mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+        bc1 = 1.0 - self.beta1 ** batch.step
+        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** batch.step)
+        denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
+        batch.grad = torch.div(m, denom).div_(bc1)
+        return {"exp_avg": m, "exp_avg_sq": v}
+
+
+@dataclass
+class scale_by_row_frequency:  # noqa: N801
+    """FAL (seeds/pinterest_*): rare rows get a smaller learning rate.
+
+    m_r = max(m_min, min(1, c_r / tau))^p, and in epoch e the gap decays:
+    m_r(e) = 1 - (1 - m_r) delta^(e - 1). ``lr_r <- m_r(e) lr_r``. When
+    ``tau_is_ratio``, tau is that quantile of the table's nonzero counts; the
+    kernel refreshes it (see ``BatchedAdaptiveEmbeddingBag.refresh_row_statistics``)
+    into ``tau_by_table`` since a quantile needs the whole table, not the batch.
+    """
+
+    tau: float = 10.0
+    tau_is_ratio: bool = False
+    power: float = 1.0
+    min_multiplier: float = 0.0
+    epoch_decay: float = 1.0
+    tau_by_table: Tensor | None = None  # [T] set by the kernel when tau_is_ratio
+
+    def validate(self) -> None:
+        if self.tau_is_ratio:
+            _check(0.0 <= self.tau <= 1.0, f"fal_tau must be a quantile in [0, 1] when fal_tau_is_ratio, got {self.tau}")
+        else:
+            _check(self.tau > 0 and math.isfinite(self.tau), f"fal_tau must be > 0, got {self.tau}")
+        _check(self.power >= 0 and math.isfinite(self.power), f"fal_power must be >= 0, got {self.power}")
+        _check(0.0 <= self.min_multiplier <= 1.0, f"fal_min must be in [0, 1], got {self.min_multiplier}")
+        _check(0.0 <= self.epoch_decay <= 1.0, f"fal_epoch_decay must be in [0, 1], got {self.epoch_decay}")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def row_multiplier(self, count: Tensor, epoch: int, table: Tensor | None) -> Tensor:
+        """m_r(e) for rows with counts ``count`` (exposed for diagnostics and tests)."""
+        if self.tau_is_ratio:
+            if self.tau_by_table is None:
+                tau: Tensor | float = 1.0
+            else:
+                tau = self.tau_by_table[table] if table is not None else self.tau_by_table[0]
+        else:
+            tau = self.tau
+        m = torch.clamp(count / tau, max=1.0).clamp_(min=self.min_multiplier).pow_(self.power)
+        gap_keep = self.epoch_decay ** (max(epoch, 1) - 1)
+        return 1.0 - (1.0 - m) * gap_keep
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        m = self.row_multiplier(batch.extras["count"], batch.epoch, batch.table)
+        batch.lr = batch.lr * m.unsqueeze(1).to(batch.lr.dtype)
+        return {}
+
+
+@dataclass
+class apply_row_update:  # noqa: N801
+    """The last link of every chain: theta_r <- theta_r - lr_r direction_r."""
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        batch.weight.addcmul_(batch.grad, batch.lr, value=-1.0)
+        return {}
