@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rules.apply import RowUpdate, allocate_row_state, update_rows
+from ..rules.apply import RowUpdate, Workspace, allocate_row_state, update_rows
 from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
 from ..rules.transforms import scale_by_row_frequency
+from . import fused_cpu
 from .inputs import BOUNDS_CHECK_MODES, NONFINITE_MODES, check_bounds, check_input_tensors, nonfinite_features
 from .layout import DimGroup, TableSpec, plan_layout
 
@@ -78,6 +79,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (step count not advanced).
         weights_init: ``f(table, weight_view)``; TorchRec's default uniform init if None.
         validate_offsets: check offsets are monotone and end at len(indices) (a host sync).
+        fused: on CPU, run known chains through the compiled loops of ``fused_cpu``
+            (same results as the eager chain, which ``fused=False`` forces).
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         nonfinite: str = "raise",
         weights_init: Callable[[TableSpec, Tensor], None] | None = None,
         validate_offsets: bool = True,
+        fused: bool = True,
     ) -> None:
         super().__init__()
         if pooling not in POOLING_MODES:
@@ -143,6 +147,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             d = lay.tables[lay.feature_table_map[f]].dim
             self._feature_cols.append((col, col + d))
             col += d
+        self._workspace = Workspace()
+        self._fused = fused_cpu.fused_for(self.chain, device, self.weights.dtype) if fused else None
         self._fal = next((t for t in self.chain.transforms if isinstance(t, scale_by_row_frequency)), None)
 
     # ------------------------------------------------------------------ views
@@ -298,21 +304,32 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         for g, lk in zip(lay.groups, lookups):
             if not g.features or lk.indices.numel() == 0:
                 continue
-            bag_grads = self._bag_grads(g, grad_output, batch_size)
-            rows, grad_rows, occurrences = self._coalesce(lk, bag_grads)
+            bag_grads, bag_rows = self._bag_grads(g, grad_output, batch_size)
+            rows, grad_rows, occurrences = self._coalesce(lk, bag_grads, bag_rows)
             w, state = self._group_views(g)
             lr, table = self._row_learning_rates(g, rows)
-            update_rows(self.chain, w, state, RowUpdate(rows, grad_rows, occurrences, lr, table), step, self.epoch)
+            upd = RowUpdate(rows, grad_rows, occurrences, lr, table)
+            if self._fused is not None:
+                self._fused.update(fused_cpu.extension(), w, state, upd, step, self.epoch, self._workspace)  # type: ignore[arg-type]
+            else:
+                update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
 
-    def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> Tensor:
-        """[F_g * B, D]: the output gradient of each bag of this group, feature-major."""
-        if len(self.layout.groups) == 1:
-            return grad_output.view(batch_size, len(g.features), g.dim).transpose(0, 1).reshape(-1, g.dim)
-        cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
-        return torch.stack(cols, dim=0).reshape(-1, g.dim)
+    def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> tuple[Tensor, Tensor | None]:
+        """The output gradient of each bag of this group, as a [bags, D] matrix,
+        and where feature-major bag j = f * B + b sits in it (None: at row j).
 
-    def _coalesce(self, lk: _GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        With one dim group the batch-major gradient [B, F * D] already *is* such a
+        matrix ([B * F, D], bag (f, b) at row b * F + f): a view, no copy.
+        """
+        if len(self.layout.groups) == 1:
+            nf = len(g.features)
+            where = torch.arange(batch_size * nf, device=grad_output.device).view(batch_size, nf).t().reshape(-1)
+            return grad_output.contiguous().view(-1, g.dim), where
+        cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
+        return torch.stack(cols, dim=0).reshape(-1, g.dim), None
+
+    def _coalesce(self, lk: _GroupLookups, bag_grads: Tensor, bag_rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Unique rows, their summed gradients and occurrence counts (see module docstring)."""
         sorted_rows, perm = torch.sort(lk.indices)
         rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
@@ -326,8 +343,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             lookup_weight = None
         row_offsets = torch.zeros(rows.numel() + 1, dtype=torch.long, device=rows.device)
         torch.cumsum(counts, 0, out=row_offsets[1:])
+        sorted_bags = bag_of_lookup[perm] if bag_rows is None else bag_rows[bag_of_lookup[perm]]
         grad_rows = F.embedding_bag(
-            bag_of_lookup[perm], bag_grads, row_offsets, mode="sum",
+            sorted_bags, bag_grads, row_offsets, mode="sum",
             per_sample_weights=lookup_weight, include_last_offset=True,
         )
         return rows, grad_rows, counts.to(torch.float32)

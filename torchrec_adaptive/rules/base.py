@@ -18,7 +18,7 @@ change them without rebuilding anything.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -60,6 +60,13 @@ class RowBatch:
     epoch: int = 1
     table: Tensor | None = None  # [U] int64 table index of each row, None for one table
     extras: dict[str, Tensor] = field(default_factory=dict)
+    workspace: Any = None  # rules.apply.Workspace: reusable scratch, or None
+
+    def scratch(self, name: str, like: Tensor) -> Tensor:
+        """An uninitialized tensor shaped like ``like``, reused across steps when a workspace is given."""
+        if self.workspace is None:
+            return torch.empty_like(like)
+        return self.workspace.get(name, tuple(like.shape), like.dtype, like.device)
 
 
 @runtime_checkable

@@ -88,20 +88,24 @@ class add_adaptive_row_decay:  # noqa: N801
     def slots(self) -> tuple[StateSlot, ...]:
         return ()
 
-    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    def row_keep(self, batch: RowBatch) -> Tensor | None:
+        """The factor [U] each touched row's weight is multiplied by (None: 1)."""
         if self.alpha == 0.0:
-            return {}
-        skipped = batch.extras["skipped"].to(batch.weight.dtype)
+            return None
+        skipped = batch.extras["skipped"].to(batch.grad.dtype)
         if self.mode == "linear":
-            keep = 1.0 - torch.clamp(self.alpha * skipped, max=1.0)
-        elif self.mode == "exponential":
-            keep = torch.pow(1.0 - self.alpha, skipped)
-        else:
-            first = batch.extras["skipped"] == batch.step - 1  # s_r == 0: never touched
-            delta = torch.where(first, torch.ones_like(skipped), skipped + 1.0)
-            shrink = 1.0 - torch.clamp(batch.lr.squeeze(1) * self.alpha * delta, 0.0, 1.0)
-            keep = torch.clamp(shrink, min=self.min_shrinkage)
-        batch.weight.mul_(keep.unsqueeze(1))
+            return 1.0 - torch.clamp(self.alpha * skipped, max=1.0)
+        if self.mode == "exponential":
+            return torch.pow(1.0 - self.alpha, skipped)
+        first = batch.extras["skipped"] == batch.step - 1  # s_r == 0: never touched
+        delta = torch.where(first, torch.ones_like(skipped), skipped + 1.0)
+        shrink = 1.0 - torch.clamp(batch.lr.squeeze(1) * self.alpha * delta, 0.0, 1.0)
+        return torch.clamp(shrink, min=self.min_shrinkage)
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        keep = self.row_keep(batch)
+        if keep is not None:
+            batch.weight.mul_(keep.unsqueeze(1))
         return {}
 
 
@@ -121,9 +125,16 @@ class add_decoupled_row_decay:  # noqa: N801
     def slots(self) -> tuple[StateSlot, ...]:
         return ()
 
+    def row_keep(self, batch: RowBatch) -> Tensor | None:
+        """The factor [U] each touched row's weight is multiplied by (None: 1)."""
+        if self.weight_decay == 0.0:
+            return None
+        return 1.0 - batch.lr.squeeze(1) * self.weight_decay
+
     def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.weight_decay != 0.0:
-            batch.weight.mul_(1.0 - batch.lr * self.weight_decay)
+        keep = self.row_keep(batch)
+        if keep is not None:
+            batch.weight.mul_(keep.unsqueeze(1))
         return {}
 
 
@@ -203,8 +214,10 @@ class scale_by_row_adam:  # noqa: N801
         v = state["exp_avg_sq"].mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
         bc1 = 1.0 - self.beta1 ** batch.step
         bc2_sqrt = math.sqrt(1.0 - self.beta2 ** batch.step)
-        denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)
-        batch.grad = torch.div(m, denom).div_(bc1)
+        # (sqrt(v) / bc2_sqrt + eps) * bc1, then m / that: in place on one buffer,
+        # since on CPU every fresh [U, D] tensor costs page faults.
+        direction = torch.sqrt(v, out=batch.scratch("adam_direction", v)).mul_(bc1 / bc2_sqrt).add_(self.eps * bc1)
+        batch.grad = torch.div(m, direction, out=direction)
         return {"exp_avg": m, "exp_avg_sq": v}
 
 

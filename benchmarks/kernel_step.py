@@ -1,0 +1,172 @@
+"""One training step (forward + backward + fused update) of our kernel vs FBGEMM's
+fused kernels, in the same process, on the same batches.
+
+    .venv/bin/python benchmarks/kernel_step.py                # the issue's shape: 26 x 100k x 64, B=4096
+    .venv/bin/python benchmarks/kernel_step.py --quick        # a small shape, for a smoke run
+    .venv/bin/python benchmarks/kernel_step.py --json out.json
+
+Prints the median step time of each, its ratio to FBGEMM's fused
+EXACT_ROWWISE_ADAGRAD (the only fused adaptive optimizer FBGEMM runs on CPU;
+on CUDA also fused ADAM), and the memory-bandwidth floor: the bytes a step must
+touch divided by the bandwidth of a large tensor copy measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+import torchrec_adaptive as tra
+from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+
+
+@dataclass
+class Shape:
+    tables: int = 26
+    rows: int = 100_000
+    dim: int = 64
+    batch: int = 4096
+    zipf: float = 1.05
+
+
+def make_batches(shape: Shape, pooling: int, count: int, device: torch.device, seed: int = 0):
+    """Fixed pooling factor per bag (the issue's 1 and 8), Zipf IDs over a shuffled vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, shape.rows + 1, dtype=torch.float64) ** shape.zipf
+    perms = [torch.randperm(shape.rows, generator=g) for _ in range(shape.tables)]
+    out = []
+    for _ in range(count):
+        n = shape.batch * pooling
+        idx = torch.cat([perms[t][torch.multinomial(p, n, replacement=True, generator=g)] for t in range(shape.tables)])
+        offsets = torch.arange(0, shape.tables * shape.batch + 1, dtype=torch.long) * pooling
+        out.append((idx.to(device), offsets.to(device)))
+    return out
+
+
+def time_steps(module: torch.nn.Module, batches, warmup: int, iters: int, device: torch.device) -> float:
+    def step(i: int) -> None:
+        idx, off = batches[i % len(batches)]
+        module(idx, off).sum().backward()
+
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(warmup + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, mb: int = 512) -> float:
+    """Bytes/s of a large device-to-device copy (read + write)."""
+    a = torch.empty(mb * 2**20 // 4, device=device).uniform_()
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    times = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / min(times)
+
+
+def bytes_touched(shape: Shape, batches, per_row_state_bytes: int, per_elem_state: int) -> float:
+    """A lower bound of the bytes one step moves: each lookup reads its row in
+    forward and its bag's gradient in backward; each unique row reads and writes
+    its weights and optimizer state once."""
+    idx, _ = batches[0]
+    lookups = idx.numel()
+    unique = sum(
+        int(torch.unique(idx.view(shape.tables, -1)[t]).numel()) for t in range(shape.tables)
+    )
+    d4 = shape.dim * 4
+    return lookups * 2 * d4 + unique * 2 * (d4 * (1 + per_elem_state) + per_row_state_bytes)
+
+
+def fbgemm_module(shape: Shape, optimizer: str, device: torch.device) -> torch.nn.Module:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
+
+    loc, cdev = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if device.type == "cuda" else (EmbeddingLocation.HOST, ComputeDevice.CPU)
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(shape.rows, shape.dim, loc, cdev) for _ in range(shape.tables)],
+        optimizer=getattr(EmbOptimType, optimizer),
+        learning_rate=0.01,
+        eps=1e-8,
+        pooling_mode=PoolingMode.SUM,
+        weights_precision=SparseType.FP32,
+        output_dtype=SparseType.FP32,
+        device=device,
+    )
+
+
+def ours(shape: Shape, cls, kwargs, device: torch.device) -> torch.nn.Module:
+    specs = [TableSpec(f"t{i}", shape.rows, shape.dim) for i in range(shape.tables)]
+    # offsets are built by us and known-good; the check costs a host sync per step
+    return BatchedAdaptiveEmbeddingBag(specs, cls.rule_config(**kwargs), device=device, validate_offsets=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shape (smoke run)")
+    ap.add_argument("--pooling", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shape = Shape(tables=4, rows=20_000, dim=32, batch=512) if args.quick else Shape()
+    bw = copy_bandwidth(device)
+    cases: list[tuple[str, Callable[[], torch.nn.Module], int, int]] = [
+        ("fbgemm EXACT_ROWWISE_ADAGRAD", lambda: fbgemm_module(shape, "EXACT_ROWWISE_ADAGRAD", device), 4, 0),
+    ]
+    if device.type == "cuda":
+        cases.append(("fbgemm ADAM", lambda: fbgemm_module(shape, "ADAM", device), 0, 2))
+    cases += [
+        ("ours RowWiseAdagrad", lambda: ours(shape, tra.RowWiseAdagrad, {"lr": 0.01}, device), 16, 0),
+        ("ours Adam", lambda: ours(shape, tra.Adam, {"lr": 0.01}, device), 12, 2),
+        ("ours AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3}, device), 12, 2),
+        ("ours FAL+AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3, "fal_tau": 10.0}, device), 12, 2),
+    ]
+    print(f"shape {asdict(shape)} device {device} threads {torch.get_num_threads()} copy bandwidth {bw / 1e9:.1f} GB/s")
+    results = []
+    for pooling in args.pooling:
+        batches = make_batches(shape, pooling, 4, device)
+        base = None
+        for name, build, row_bytes, elem_states in cases:
+            module = build()
+            t = time_steps(module, batches, args.warmup, args.iters, device)
+            floor = bytes_touched(shape, batches, row_bytes, elem_states) / bw
+            base = base or t
+            results.append({"pooling": pooling, "case": name, "step_ms": t * 1e3, "vs_fbgemm_rowwise_adagrad": t / base,
+                            "floor_ms": floor * 1e3, "vs_floor": t / floor})
+            print(f"pooling {pooling}  {name:30s} {t * 1e3:8.1f} ms   x{t / base:5.2f} of FBGEMM row-wise Adagrad   "
+                  f"floor {floor * 1e3:6.1f} ms (x{t / floor:4.1f})", flush=True)
+            del module
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": asdict(shape), "device": str(device), "bandwidth_Bps": bw, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
