@@ -51,9 +51,16 @@ def make_batches(shape: Shape, pooling: int, count: int, device: torch.device, s
 
 
 def time_steps(module: torch.nn.Module, batches, warmup: int, iters: int, device: torch.device) -> float:
+    # (out * probe).sum() hands backward a dense, contiguous output gradient, as the
+    # MLP above the embeddings does in training (out.sum() would give an expanded one).
+    probe: list[torch.Tensor] = []
+
     def step(i: int) -> None:
         idx, off = batches[i % len(batches)]
-        module(idx, off).sum().backward()
+        out = module(idx, off)
+        if not probe:
+            probe.append(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.device))
+        (out * probe[0]).sum().backward()
 
     for i in range(warmup):
         step(i)
@@ -128,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shape (smoke run)")
     ap.add_argument("--pooling", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5, help="timed steps per case per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per case per round")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
@@ -151,17 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for pooling in args.pooling:
         batches = make_batches(shape, pooling, 4, device)
-        base = None
-        for name, build, row_bytes, elem_states in cases:
-            module = build()
-            t = time_steps(module, batches, args.warmup, args.iters, device)
+        modules = [build() for _, build, _, _ in cases]
+        # Round-robin: every round times each case in turn, so slow drifts of this
+        # shared machine hit all cases alike; the ratios use per-case medians.
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(args.rounds):
+            for i, module in enumerate(modules):
+                times[i].append(time_steps(module, batches, args.warmup, args.iters, device))
+        del modules
+        base = statistics.median(times[0])
+        for (name, _, row_bytes, elem_states), ts in zip(cases, times):
+            t = statistics.median(ts)
             floor = bytes_touched(shape, batches, row_bytes, elem_states) / bw
-            base = base or t
             results.append({"pooling": pooling, "case": name, "step_ms": t * 1e3, "vs_fbgemm_rowwise_adagrad": t / base,
                             "floor_ms": floor * 1e3, "vs_floor": t / floor})
             print(f"pooling {pooling}  {name:30s} {t * 1e3:8.1f} ms   x{t / base:5.2f} of FBGEMM row-wise Adagrad   "
                   f"floor {floor * 1e3:6.1f} ms (x{t / floor:4.1f})", flush=True)
-            del module
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": asdict(shape), "device": str(device), "bandwidth_Bps": bw, "results": results}, f, indent=1)

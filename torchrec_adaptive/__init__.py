@@ -7,6 +7,18 @@ names the rule; the kernel in :mod:`torchrec_adaptive.kernels` runs it inside ba
 from .kernels import BatchedAdaptiveEmbeddingBag, TableSpec
 from .rules import Adam, AdamAR, AdamARConfig, AdamConfig, FALConfig, RowWiseAdagrad, RowWiseAdagradConfig
 
+
+
+def sharders() -> list:  # type: ignore[type-arg]
+    """Our EmbeddingBagCollection sharder plus TorchRec's defaults, for ``DistributedModelParallel``.
+
+    Imported lazily so that ``import torchrec_adaptive`` (rules, kernel) never imports torchrec.
+    """
+    from .distributed import sharders as _sharders
+
+    return _sharders()
+
+
 __all__ = [
     "Adam",
     "AdamAR",
@@ -17,4 +29,5 @@ __all__ = [
     "RowWiseAdagrad",
     "RowWiseAdagradConfig",
     "TableSpec",
+    "sharders",
 ]

@@ -32,10 +32,12 @@ from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
 from ..rules.transforms import scale_by_row_frequency
 from . import fused_cpu
+from .fused_cpu import LookupGrad
 from .inputs import BOUNDS_CHECK_MODES, NONFINITE_MODES, check_bounds, check_input_tensors, nonfinite_features
 from .layout import DimGroup, TableSpec, plan_layout
 
 POOLING_MODES = ("sum", "mean")
+_NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
 
 
 @dataclass
@@ -46,6 +48,24 @@ class _GroupLookups:
     offsets: Tensor  # [F_g * B + 1] int64
     bag_lengths: Tensor  # [F_g * B]
     per_sample_weights: Tensor | None
+
+
+def _batch_major(
+    rows: Tensor, offsets: Tensor, bag_lengths: Tensor, psw: Tensor | None, num_features: int, batch_size: int
+) -> _GroupLookups:
+    """Reorders KJT's feature-major bags (f, b) to batch-major (b, f).
+
+    Then the pooled output [B * F, D] *is* the [B, F * D] result and the output
+    gradient is already the per-bag gradient matrix: no transposed copy of the
+    whole output in forward or backward (those copies cost more than the lookup).
+    """
+    order = torch.arange(num_features * batch_size, device=rows.device).view(num_features, batch_size).t().reshape(-1)
+    lengths = bag_lengths[order]
+    new_offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(lengths, 0, out=new_offsets[1:])
+    shift = torch.repeat_interleave(offsets[:-1][order] - offsets[0] - new_offsets[:-1], lengths, output_size=rows.numel())
+    perm = shift + torch.arange(rows.numel(), device=rows.device)
+    return _GroupLookups(rows[perm], new_offsets, lengths, psw[perm] if psw is not None else None)
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -252,7 +272,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
 
         lookups = []
         if len(lay.groups) == 1:
-            lookups.append(_GroupLookups(block_rows, offsets - offsets[0], bag_lengths, psw))
+            lookups.append(_batch_major(block_rows, offsets, bag_lengths, psw, num_features, batch_size))
         else:
             group_of_feature = torch.tensor(lay.feature_group, device=indices.device)
             lookup_group = group_of_feature[feature_of_lookup]
@@ -266,11 +286,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
 
     def _pooled_forward(self, lookups: list[_GroupLookups], batch_size: int) -> Tensor:
         lay = self.layout
-        if len(lay.groups) == 1:
-            g = lay.groups[0]
-            w, _ = self._group_views(g)
-            out = self._embedding_bag(w, lookups[0])
-            return out.view(len(g.features), batch_size, g.dim).transpose(0, 1).reshape(batch_size, -1)
+        if len(lay.groups) == 1:  # bags are batch-major: the output needs no transpose
+            w, _ = self._group_views(lay.groups[0])
+            return self._embedding_bag(w, lookups[0]).view(batch_size, -1)
         pieces: list[Tensor] = [torch.empty(0)] * len(lay.feature_table_map)
         for g, lk in zip(lay.groups, lookups):
             if not g.features:
@@ -304,37 +322,34 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         for g, lk in zip(lay.groups, lookups):
             if not g.features or lk.indices.numel() == 0:
                 continue
-            bag_grads, bag_rows = self._bag_grads(g, grad_output, batch_size)
-            rows, grad_rows, occurrences = self._coalesce(lk, bag_grads, bag_rows)
+            rows, occurrences, grad = self._sorted_lookups(lk, self._bag_grads(g, grad_output, batch_size))
             w, state = self._group_views(g)
             lr, table = self._row_learning_rates(g, rows)
-            upd = RowUpdate(rows, grad_rows, occurrences, lr, table)
             if self._fused is not None:
-                self._fused.update(fused_cpu.extension(), w, state, upd, step, self.epoch, self._workspace)  # type: ignore[arg-type]
+                upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table)
+                self._fused.update(fused_cpu.extension(), w, state, upd, grad, step, self.epoch)  # type: ignore[arg-type]
             else:
+                upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table)
                 update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
 
-    def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> tuple[Tensor, Tensor | None]:
-        """The output gradient of each bag of this group, as a [bags, D] matrix,
-        and where feature-major bag j = f * B + b sits in it (None: at row j).
-
-        With one dim group the batch-major gradient [B, F * D] already *is* such a
-        matrix ([B * F, D], bag (f, b) at row b * F + f): a view, no copy.
-        """
+    def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> Tensor:
+        """The output gradient of each bag of this group, as a [bags, D] matrix in the
+        order of the group's bags (batch-major for one group: a view, no copy)."""
         if len(self.layout.groups) == 1:
-            nf = len(g.features)
-            where = torch.arange(batch_size * nf, device=grad_output.device).view(batch_size, nf).t().reshape(-1)
-            return grad_output.contiguous().view(-1, g.dim), where
+            return grad_output.contiguous().view(-1, g.dim)
         cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
-        return torch.stack(cols, dim=0).reshape(-1, g.dim), None
+        return torch.stack(cols, dim=0).reshape(-1, g.dim)
 
-    def _coalesce(self, lk: _GroupLookups, bag_grads: Tensor, bag_rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Unique rows, their summed gradients and occurrence counts (see module docstring)."""
+    def _sorted_lookups(self, lk: _GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, LookupGrad]:
+        """Unique rows, their occurrence counts, and their lookups grouped by row
+        (see the module docstring: a row's gradient is a bag over output gradients)."""
         sorted_rows, perm = torch.sort(lk.indices)
         rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
         num_bags = lk.bag_lengths.numel()
-        bag_of_lookup = torch.repeat_interleave(torch.arange(num_bags, device=perm.device), lk.bag_lengths)
+        bag_of_lookup = torch.repeat_interleave(
+            torch.arange(num_bags, device=perm.device), lk.bag_lengths, output_size=lk.indices.numel()
+        )
         if lk.per_sample_weights is not None:
             lookup_weight: Tensor | None = lk.per_sample_weights[perm]
         elif self.pooling == "mean":
@@ -343,12 +358,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             lookup_weight = None
         row_offsets = torch.zeros(rows.numel() + 1, dtype=torch.long, device=rows.device)
         torch.cumsum(counts, 0, out=row_offsets[1:])
-        sorted_bags = bag_of_lookup[perm] if bag_rows is None else bag_rows[bag_of_lookup[perm]]
-        grad_rows = F.embedding_bag(
-            sorted_bags, bag_grads, row_offsets, mode="sum",
-            per_sample_weights=lookup_weight, include_last_offset=True,
-        )
-        return rows, grad_rows, counts.to(torch.float32)
+        grad = LookupGrad(row_offsets, bag_of_lookup[perm], lookup_weight, bag_grads)
+        return rows, counts.to(torch.float32), grad
 
     def _row_learning_rates(self, g: DimGroup, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         """lr * kappa_t per row, and each row's table index when a rule needs it."""

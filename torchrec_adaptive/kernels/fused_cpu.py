@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..rules.apply import RowUpdate, Workspace
+from ..rules.apply import RowUpdate
 from ..rules.base import RowBatch, RowChain, RowTransform
 from ..rules.transforms import (
     add_adaptive_row_decay,
@@ -75,6 +75,26 @@ def extension() -> ModuleType | None:
 
 
 @dataclass(frozen=True)
+class LookupGrad:
+    """Each touched row's gradient, not yet summed: row u's lookups are
+    ``bags[row_offsets[u]:row_offsets[u + 1]]`` (each adding ``weight[i] *
+    bag_grads[bags[i]]``). The fused loops sum them per row in registers, so the
+    coalesced [U, D] gradient is never materialized."""
+
+    row_offsets: Tensor  # [U + 1] int64
+    bags: Tensor  # [L] int64
+    weight: Tensor | None  # [L] float32, None: 1
+    bag_grads: Tensor  # [bags, D] float32, contiguous
+
+    def materialize(self) -> Tensor:
+        """The summed [U, D] gradient (what the eager chain consumes)."""
+        return torch.nn.functional.embedding_bag(
+            self.bags, self.bag_grads, self.row_offsets, mode="sum",
+            per_sample_weights=self.weight, include_last_offset=True,
+        )
+
+
+@dataclass(frozen=True)
 class FusedChain:
     """A chain split into its eager per-row part and its fused [U, D] part."""
 
@@ -107,15 +127,18 @@ class FusedChain:
         return FusedChain(tuple(rows), tuple(keeps), base, l2)
 
     def update(
-        self, ext: ModuleType, weight: Tensor, state: dict[str, Tensor], upd: RowUpdate, step: int, epoch: int,
-        workspace: Workspace | None,
+        self, ext: ModuleType, weight: Tensor, state: dict[str, Tensor], upd: RowUpdate, grad: LookupGrad,
+        step: int, epoch: int,
     ) -> None:
-        """Same effect as ``rules.apply.update_rows`` with the full chain (tested)."""
+        """Same effect as ``rules.apply.update_rows`` with the full chain (tested).
+
+        ``upd.grad`` is not read: the loops sum ``grad`` per row themselves.
+        """
         if upd.rows.numel() == 0:
             return
         rows = upd.rows
         batch = RowBatch(rows=rows, weight=weight, grad=upd.grad, lr=upd.lr, occurrences=upd.occurrences,
-                         step=step, epoch=epoch, table=upd.table, workspace=workspace)
+                         step=step, epoch=epoch, table=upd.table)
         for t in self.row_transforms:
             own = {s.name: state[s.name].index_select(0, rows) for s in t.slots()}
             for name, value in t.update(batch, own).items():
@@ -127,14 +150,16 @@ class FusedChain:
                 keep = k if keep is None else keep * k
         keep_arg = keep.float().contiguous() if keep is not None else torch.empty(0)
         lr = batch.lr.reshape(-1).float()
-        grad = upd.grad.float()
+        lookups = (rows, grad.row_offsets, grad.bags,
+                   grad.weight.float().contiguous() if grad.weight is not None else torch.empty(0),
+                   grad.bag_grads.float().contiguous())
         if isinstance(self.base, scale_by_row_adam):
             b = self.base
-            ext.adam_rows_(weight, state["exp_avg"], state["exp_avg_sq"], rows, grad, lr, keep_arg,
+            ext.adam_rows_(weight, state["exp_avg"], state["exp_avg_sq"], *lookups, lr, keep_arg,
                            b.beta1, b.beta2, b.eps, 1.0 - b.beta1**step, math.sqrt(1.0 - b.beta2**step))
         else:
             l2 = self.l2.weight_decay if self.l2 is not None else 0.0
-            ext.rowwise_adagrad_rows_(weight, state["momentum"], rows, grad, lr, keep_arg, self.base.eps, l2)
+            ext.rowwise_adagrad_rows_(weight, state["momentum"], *lookups, lr, keep_arg, self.base.eps, l2)
 
 
 def fused_for(chain: RowChain, device: torch.device, dtype: torch.dtype) -> FusedChain | None:

@@ -92,7 +92,7 @@ class add_adaptive_row_decay:  # noqa: N801
         """The factor [U] each touched row's weight is multiplied by (None: 1)."""
         if self.alpha == 0.0:
             return None
-        skipped = batch.extras["skipped"].to(batch.grad.dtype)
+        skipped = batch.extras["skipped"].to(batch.lr.dtype)
         if self.mode == "linear":
             return 1.0 - torch.clamp(self.alpha * skipped, max=1.0)
         if self.mode == "exponential":

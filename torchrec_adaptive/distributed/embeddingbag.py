@@ -1,0 +1,234 @@
+"""Sharder and sharded module that put our kernel under TorchRec's EmbeddingBagCollection.
+
+Written against torchrec 1.8.0 (``torchrec/distributed/embeddingbag.py``); every hook
+below is an override in a subclass, nothing in TorchRec is patched:
+
+* ``__init__``: tables whose optimizer (from ``apply_optimizer_in_backward``) is one
+  of ours are re-planned to ``EmbeddingComputeKernel.CUSTOMIZED_KERNEL`` when the
+  plan says ``fused`` (what TorchRec's default planner picks), so
+  ``DistributedModelParallel(model, sharders=sharders())`` works without a custom plan.
+* ``create_grouped_sharding_infos``: TorchRec casts the optimizer class to an FBGEMM
+  ``EmbOptimType`` unless the kwargs hold an ``"optimizer"`` key ("Cannot cast ... to
+  an EmbOptimType"); for our tables we hand it ``{"optimizer": <name>, rule key:
+  RuleConfig}`` instead of the user's kwargs, so those kwargs never reach FBGEMM, and
+  tables with different rules land in different kernel groups (TorchRec groups by
+  fused params).
+* ``_create_lookups``: the stock shardings build ``GroupedPooledEmbeddingsLookup``,
+  which refuses CUSTOMIZED_KERNEL; we build our subclass with the same arguments.
+* ``_initialize_torch_state``: TorchRec skips ShardedTensor bookkeeping for
+  CUSTOMIZED_KERNEL (embeddingbag.py ~line 1197); without it row-wise weights reach
+  ``state_dict`` as plain local tensors and DCP keeps one rank's shard. Our kernel
+  wrapper already returns ShardedTensors like FBGEMM's, so we let TorchRec's own code
+  run with our tables presented as ``fused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Dict, Iterator, List, Optional, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_sharding import EmbeddingSharding
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, ShardingType
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+from torchrec.distributed.sharding.twrw_sharding import TwRwPooledEmbeddingSharding
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+
+from ..rules.optimizers import config_from_optimizer, is_adaptive_optimizer
+from .kernel import ADAPTIVE_RULE_KEY, AdaptiveGroupedPooledEmbeddingsLookup
+
+CUSTOMIZED = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
+# Kernels a plan may name for one of our tables; all run our kernel.
+_ROUTABLE_KERNELS = {EmbeddingComputeKernel.FUSED.value, CUSTOMIZED}
+
+
+def optimizer_class_of(param: torch.Tensor) -> Optional[type]:
+    """The class given to ``apply_optimizer_in_backward`` for this table weight, if any."""
+    classes = getattr(param, "_optimizer_classes", None)
+    return classes[0] if classes else None
+
+
+def adaptive_table_names(module: EmbeddingBagCollectionInterface) -> List[str]:
+    """Tables of an (unsharded) EBC whose in-backward optimizer is one of ours."""
+    params = dict(module.named_parameters())
+    return [
+        c.name for c in module.embedding_bag_configs()
+        if is_adaptive_optimizer(optimizer_class_of(params.get(f"embedding_bags.{c.name}.weight", torch.empty(0))))
+    ]
+
+
+def _route_tables(module: EmbeddingBagCollectionInterface,
+                  plan: Dict[str, ParameterSharding]) -> Dict[str, ParameterSharding]:
+    """A copy of the plan with our tables on CUSTOMIZED_KERNEL (the caller's plan is not mutated)."""
+    ours = set(adaptive_table_names(module))
+    out = dict(plan)
+    for name, ps in plan.items():
+        if name in ours:
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
+                raise NotImplementedError(
+                    f"table {name!r}: data_parallel is not supported for torchrec_adaptive optimizers yet "
+                    "(the fused update would need the all-reduced gradient); plan it table_wise/row_wise/column_wise"
+                )
+            if ps.compute_kernel not in _ROUTABLE_KERNELS:
+                raise ValueError(f"table {name!r} uses a torchrec_adaptive optimizer, which runs on our kernel; "
+                                 f"the plan asks for compute kernel {ps.compute_kernel!r} (use 'fused' or {CUSTOMIZED!r})")
+            out[name] = dataclasses.replace(ps, compute_kernel=CUSTOMIZED)
+        elif ps.compute_kernel == CUSTOMIZED:
+            raise ValueError(f"table {name!r} is planned on {CUSTOMIZED!r} but its optimizer is not a "
+                             "torchrec_adaptive one (apply_optimizer_in_backward(torchrec_adaptive.AdamAR, ...))")
+    return out
+
+
+@contextlib.contextmanager
+def _adaptive_fused_params(module: EmbeddingBagCollectionInterface, prefix: str, suffix: Optional[str]) -> Iterator[None]:
+    """Temporarily give our tables kwargs TorchRec passes through untouched.
+
+    TorchRec 1.8.0 reads ``param._optimizer_kwargs[0]`` and mutates it in place
+    (adds "optimizer", renames "lr"); the user's dict is swapped out and restored.
+    """
+    saved: List[tuple[torch.Tensor, Any]] = []
+    try:
+        for config in module.embedding_bag_configs():
+            name = prefix + config.name + (f".{suffix}" if suffix else "")
+            param = dict(module.named_parameters()).get(name)
+            cls = optimizer_class_of(param) if param is not None else None
+            if param is None or not is_adaptive_optimizer(cls):
+                continue
+            kwargs = dict(getattr(param, "_optimizer_kwargs", [{}])[0])
+            rule = config_from_optimizer(cls, kwargs)  # type: ignore[arg-type]
+            saved.append((param, param._optimizer_kwargs))  # type: ignore[attr-defined]
+            param._optimizer_kwargs = [{"optimizer": f"torchrec_adaptive.{cls.__name__}",  # type: ignore[union-attr]
+                                        ADAPTIVE_RULE_KEY: rule}]
+        yield
+    finally:
+        for param, kwargs in saved:
+            param._optimizer_kwargs = kwargs  # type: ignore[attr-defined]
+
+
+def _lookup_for(sharding: EmbeddingSharding) -> nn.Module:
+    """Same arguments as each torchrec 1.8.0 ``*PooledEmbeddingSharding.create_lookup``, our lookup class."""
+    sharding_type: Optional[ShardingType] = None
+    if isinstance(sharding, TwRwPooledEmbeddingSharding):
+        configs = sharding._grouped_embedding_configs_per_rank[sharding._rank]
+        sharding_type = ShardingType.TABLE_ROW_WISE
+    else:
+        configs = getattr(sharding, "_grouped_embedding_configs", [])
+        if isinstance(sharding, RwPooledEmbeddingSharding):
+            sharding_type = ShardingType.ROW_WISE
+    if not any(c.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL for c in configs):
+        return sharding.create_lookup()
+    if not isinstance(sharding, (TwPooledEmbeddingSharding, CwPooledEmbeddingSharding,  # TwCw subclasses Cw
+                                 RwPooledEmbeddingSharding, TwRwPooledEmbeddingSharding)):
+        raise NotImplementedError(f"{type(sharding).__name__} is not supported for torchrec_adaptive tables")
+    return AdaptiveGroupedPooledEmbeddingsLookup(
+        grouped_configs=configs, pg=sharding._pg, device=sharding._device,  # type: ignore[attr-defined]
+        sharding_type=sharding_type, env=sharding._env,  # type: ignore[attr-defined]
+    )
+
+
+class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+    """``ShardedEmbeddingBagCollection`` whose tables with our optimizers run our fused kernel."""
+
+    def __init__(self, module: EmbeddingBagCollectionInterface,
+                 table_name_to_parameter_sharding: Dict[str, ParameterSharding], env: ShardingEnv,
+                 fused_params: Optional[Dict[str, Any]] = None, device: Optional[torch.device] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(module, _route_tables(module, table_name_to_parameter_sharding), env,
+                         fused_params=fused_params, device=device, **kwargs)
+
+    @classmethod
+    def create_grouped_sharding_infos(cls, module: EmbeddingBagCollectionInterface,  # type: ignore[override]
+                                      table_name_to_parameter_sharding: Dict[str, ParameterSharding], prefix: str,
+                                      fused_params: Optional[Dict[str, Any]], suffix: Optional[str] = "weight") -> Any:
+        with _adaptive_fused_params(module, prefix, suffix):
+            return super().create_grouped_sharding_infos(module, table_name_to_parameter_sharding, prefix,
+                                                         fused_params, suffix)
+
+    def _create_lookups(self) -> None:
+        for sharding in self._embedding_shardings:
+            self._lookups.append(_lookup_for(sharding))
+
+    def _initialize_torch_state(self, skip_registering: bool = False) -> None:
+        real_plan = self.module_sharding_plan
+        self.module_sharding_plan = type(real_plan)({  # type: ignore[call-arg]
+            name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.FUSED.value)
+            if ps.compute_kernel == CUSTOMIZED else ps
+            for name, ps in real_plan.items()
+        })
+        try:
+            super()._initialize_torch_state(skip_registering)
+        finally:
+            self.module_sharding_plan = real_plan
+
+
+class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """EBC sharder for models mixing our optimizers with TorchRec/FBGEMM ones.
+
+    What it offers differs from torchrec 1.8.0's EBC sharder, because a sharder's
+    offer is per sharding type, not per table, and TorchRec's default planner must
+    be able to plan every table of a plain ``DistributedModelParallel(model,
+    sharders=sharders())`` call:
+
+    * row_wise and table_row_wise also on CPU (TorchRec offers them on CUDA only;
+      our kernel is device-agnostic);
+    * no data_parallel unless ``offer_data_parallel=True`` (our fused update has no
+      all-reduced gradient to work from, and the default planner puts small tables
+      on data_parallel); with it, plan with :func:`..planner.plan` or
+      :func:`..planner.adaptive_constraints`, which keep our tables model-parallel;
+    * no grid sharding (our lookup does not implement it);
+    * ``customized_kernel`` only with ``offer_customized_kernel=True``, because
+      TorchRec's default perf estimator raises on it; without it the planner plans
+      our tables ``fused`` and the sharded module reroutes them.
+    """
+
+    def __init__(self, fused_params: Optional[Dict[str, Any]] = None, *, offer_customized_kernel: bool = False,
+                 offer_data_parallel: bool = False, **kwargs: Any) -> None:
+        super().__init__(fused_params=fused_params, **kwargs)
+        self._offer_customized_kernel = offer_customized_kernel
+        self._offer_data_parallel = offer_data_parallel
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = [t for t in super().sharding_types(compute_device_type) if t != ShardingType.GRID_SHARD.value]
+        if not self._offer_data_parallel:
+            types = [t for t in types if t != ShardingType.DATA_PARALLEL.value]
+        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+            if extra not in types:
+                types.append(extra)
+        return types
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        kernels = super().compute_kernels(sharding_type, compute_device_type)
+        if self._offer_customized_kernel and sharding_type != ShardingType.DATA_PARALLEL.value:
+            kernels.append(CUSTOMIZED)
+        return kernels
+
+    def shard(self, module: EmbeddingBagCollection, params: Dict[str, ParameterSharding], env: ShardingEnv,
+              device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> ShardedEmbeddingBagCollection:
+        return ShardedAdaptiveEmbeddingBagCollection(
+            module=module, table_name_to_parameter_sharding=params, env=env, fused_params=self.fused_params,
+            device=device, qcomm_codecs_registry=self.qcomm_codecs_registry, module_fqn=module_fqn,
+            sharded_module_order_overwrite=self._sharded_module_order_overwrite,
+        )
+
+    @property
+    def sharded_module_type(self) -> Type[ShardedEmbeddingBagCollection]:
+        return ShardedAdaptiveEmbeddingBagCollection
+
+
+def sharders(*, offer_customized_kernel: bool = False, offer_data_parallel: bool = False
+             ) -> List[ModuleSharder[nn.Module]]:
+    """Our EBC sharder plus TorchRec's default sharders for every other module type."""
+    ours = AdaptiveEmbeddingBagCollectionSharder(offer_customized_kernel=offer_customized_kernel,
+                                                 offer_data_parallel=offer_data_parallel)
+    rest = [s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection]
+    return [ours, *rest]  # type: ignore[list-item]

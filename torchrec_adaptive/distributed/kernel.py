@@ -1,0 +1,222 @@
+"""TorchRec-side wrapper of our fused kernel: what one shard group runs.
+
+Written against torchrec 1.8.0 (``torchrec/distributed/batched_embedding_kernel.py``
+and ``embedding_lookup.py``). TorchRec builds one kernel module per group of
+tables that share compute kernel, pooling and fused params; for
+``EmbeddingComputeKernel.CUSTOMIZED_KERNEL`` its stock lookup raises, so
+:class:`AdaptiveGroupedPooledEmbeddingsLookup` builds
+:class:`AdaptiveBatchedEmbeddingBag` there and defers every other kernel to TorchRec.
+
+:class:`AdaptiveBatchedEmbeddingBag` is shaped like TorchRec's
+``BatchedFusedEmbeddingBag`` (a ``BaseBatchedEmbeddingBag`` + ``FusedOptimizerModule``)
+so that the rest of TorchRec (state_dict as ShardedTensors, ``fused_optimizer``,
+``named_parameters_by_table``) treats it the same way as FBGEMM's TBE.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag, EmbeddingFusedOptimizer
+from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
+from torchrec.distributed.embedding_kernel import BaseEmbedding
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.modules.embedding_configs import DataType
+from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
+
+from ..kernels.batched import BatchedAdaptiveEmbeddingBag
+from ..kernels.layout import TableSpec
+from ..rules.configs import RuleConfig
+
+# Key under which the sharded module passes each table's RuleConfig to the kernel,
+# inside TorchRec's per-table ``fused_params`` (see embeddingbag.py).
+ADAPTIVE_RULE_KEY = "torchrec_adaptive_rule"
+
+
+def rule_of(config: GroupedEmbeddingConfig) -> RuleConfig:
+    """The RuleConfig a CUSTOMIZED_KERNEL group was planned with."""
+    rule = (config.fused_params or {}).get(ADAPTIVE_RULE_KEY)
+    if not isinstance(rule, RuleConfig):
+        names = [t.name for t in config.embedding_tables]
+        raise ValueError(
+            f"tables {names} are planned with compute kernel 'customized_kernel' but have no torchrec_adaptive "
+            "optimizer; use apply_optimizer_in_backward(torchrec_adaptive.<Rule>, ...) on them, or plan them 'fused'"
+        )
+    return rule
+
+
+class OptimizerStep:
+    """The kernel's global step k, in TorchRec's "stateful" protocol so that
+    ``KeyedOptimizer.state_dict``/``load_state_dict`` (and DCP) save and restore it."""
+
+    def __init__(self, module: BatchedAdaptiveEmbeddingBag) -> None:
+        self._module = module
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"step": torch.tensor(self._module.optimizer_step, dtype=torch.int64)}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._module.set_optimizer_step(int(state_dict["step"]))
+
+
+class AdaptiveFusedOptimizer(EmbeddingFusedOptimizer):
+    """TorchRec's ``EmbeddingFusedOptimizer`` with our state names and the optimizer step.
+
+    TorchRec's class works unchanged on our kernel (it only calls
+    ``split_embedding_weights``, ``get_optimizer_state``, ``get/set_learning_rate``,
+    ``set_optimizer_step`` and ``update_hyper_parameters``), but it renames each
+    table's first state to ``momentum1`` for FBGEMM compatibility; we rename it back
+    so checkpoints say ``row_last_step`` / ``exp_avg``. It also never saves the step
+    k (FBGEMM keeps it in a buffer); AdamAR's bias corrections and idle gaps depend
+    on it, so each table gets ``<table>.optimizer_step`` (identical on every rank).
+    """
+
+    def __init__(self, config: GroupedEmbeddingConfig, emb_module: BatchedAdaptiveEmbeddingBag,
+                 pg: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> None:
+        super().__init__(config, emb_module, pg, **kwargs)  # type: ignore[arg-type]
+        self._adaptive_module = emb_module
+        first_key = next(iter(emb_module.get_optimizer_state()[0]), None) if config.embedding_tables else None
+        for weight, table_state in self.state.items():
+            renamed: Dict[str, Any] = {}
+            for key, value in table_state.items():
+                table, _, slot = key.rpartition(".")
+                renamed[f"{table}.{first_key}" if slot == "momentum1" and first_key else key] = value
+            if renamed:
+                renamed[f"{next(iter(renamed)).rpartition('.')[0]}.optimizer_step"] = OptimizerStep(emb_module)
+            self.state[weight] = renamed
+
+    def set_optimizer_step(self, step: int) -> None:
+        self._adaptive_module.set_optimizer_step(step)
+
+
+def _pooling(mode: PoolingMode) -> str:
+    if mode == PoolingMode.SUM:
+        return "sum"
+    if mode == PoolingMode.MEAN:
+        return "mean"
+    raise ValueError(f"torchrec_adaptive's kernel pools with sum or mean, got {mode}")
+
+
+class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOptimizerModule):
+    """One group of table shards on one rank, run by ``BatchedAdaptiveEmbeddingBag``.
+
+    Mirrors torchrec 1.8.0's ``BatchedFusedEmbeddingBag``: the flat weight buffer is
+    exposed per table as ``TableBatchedEmbeddingSlice`` parameters whose
+    ``_in_backward_optimizers`` is a per-table view of the fused optimizer (how
+    TorchRec marks "updated in backward, keep away from dense optimizers and DDP").
+    """
+
+    def __init__(self, config: GroupedEmbeddingConfig, pg: Optional[dist.ProcessGroup] = None,
+                 device: Optional[torch.device] = None, sharding_type: Optional[ShardingType] = None) -> None:
+        super().__init__(config, pg, device, sharding_type)
+        if config.data_type != DataType.FP32:
+            raise ValueError(f"torchrec_adaptive's kernel holds FP32 tables, got {config.data_type} "
+                             f"for {[t.name for t in config.embedding_tables]}")
+        counts = Counter(t.name for t in config.embedding_tables)
+        seen: Counter[str] = Counter()
+        specs: List[TableSpec] = []
+        init_range: Dict[str, Tuple[float, float]] = {}
+        for t, lo, hi in zip(config.embedding_tables, self._weight_init_mins, self._weight_init_maxs):
+            # Several column shards of one table can land in one group: kernel names must be unique.
+            name = t.name if counts[t.name] == 1 else f"{t.name}#{seen[t.name]}"
+            seen[t.name] += 1
+            specs.append(TableSpec(name=name, num_rows=t.local_rows, dim=t.local_cols))
+            init_range[name] = (lo, hi)
+
+        def init(table: TableSpec, weight: torch.Tensor) -> None:
+            weight.uniform_(*init_range[table.name])  # TorchRec's EmbeddingBagConfig default
+
+        self._emb_module: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
+            specs, rule_of(config), feature_table_map=self._feature_table_map,
+            pooling=_pooling(self._pooling), device=device, weights_init=init,
+        )
+        self._optim: AdaptiveFusedOptimizer = AdaptiveFusedOptimizer(config, self._emb_module, pg)
+
+    @property
+    def emb_module(self) -> BatchedAdaptiveEmbeddingBag:  # type: ignore[override]
+        return self._emb_module
+
+    @property
+    def fused_optimizer(self) -> AdaptiveFusedOptimizer:
+        return self._optim
+
+    def forward(self, features: KeyedJaggedTensor, vbe_output: Optional[torch.Tensor] = None,  # type: ignore[override]
+                vbe_output_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if features.variable_stride_per_key():
+            raise NotImplementedError("torchrec_adaptive's kernel does not take variable batch sizes per feature (VBE)")
+        weights = features.weights_or_none()
+        if weights is not None and not torch.is_floating_point(weights):
+            weights = None
+        return self._emb_module(features.values(), features.offsets(), weights)
+
+    @property  # type: ignore[override]
+    def _param_per_table(self) -> Dict[str, TableBatchedEmbeddingSlice]:
+        """One slice per table name; the column shards of one table are adjacent in the buffer."""
+        lay = self._emb_module.layout
+        flat = self._emb_module.weights.detach()
+        out: Dict[str, TableBatchedEmbeddingSlice] = {}
+        for name in dict.fromkeys(t.name for t in self._config.embedding_tables):
+            idx = [i for i, t in enumerate(self._config.embedding_tables) if t.name == name]
+            start = lay.elem_start[idx[0]]
+            end = start
+            for i in idx:
+                if lay.elem_start[i] != end:
+                    raise RuntimeError(f"shards of table {name!r} are not contiguous in the kernel's buffer")
+                end += lay.tables[i].num_rows * lay.tables[i].dim
+            weight = TableBatchedEmbeddingSlice(data=flat, start_offset=start, end_offset=end,
+                                                num_embeddings=-1, embedding_dim=lay.tables[idx[0]].dim)
+            weight._in_backward_optimizers = [  # type: ignore[attr-defined]
+                AdaptiveFusedOptimizer(self._config, self._emb_module, self._pg,
+                                       create_for_table=name, param_weight_for_table=weight)
+            ]
+            out[name] = weight
+        return out
+
+    @_param_per_table.setter
+    def _param_per_table(self, v: Dict[str, TableBatchedEmbeddingSlice]) -> None:
+        # BaseBatchedEmbeddingBag.__init__ assigns {}; the property above is computed instead.
+        pass
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Optimizer state lives in the fused optimizer, as for TorchRec's fused kernels."""
+        yield from ()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[Tuple[str, nn.Parameter]]:
+        """Per-table weights, marked as updated in backward (same as ``BatchedFusedEmbeddingBag``)."""
+        for name, tensor in self.named_split_embedding_weights(prefix, recurse, remove_duplicate):
+            param = nn.Parameter(tensor)
+            param._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
+            yield name, param
+
+    def flush(self) -> None:
+        self._emb_module.flush()
+
+
+class AdaptiveGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
+    """TorchRec's pooled lookup, building our kernel for CUSTOMIZED_KERNEL groups only."""
+
+    def _create_embedding_kernel(self, config: GroupedEmbeddingConfig, device: Optional[torch.device],
+                                 pg: Optional[dist.ProcessGroup], sharding_type: Optional[ShardingType],
+                                 env: Optional[ShardingEnv]) -> BaseEmbedding:
+        if config.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL:
+            return AdaptiveBatchedEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
+        return super()._create_embedding_kernel(config, device, pg, sharding_type, env)
+
+
+__all__ = [
+    "ADAPTIVE_RULE_KEY",
+    "AdaptiveBatchedEmbeddingBag",
+    "AdaptiveFusedOptimizer",
+    "AdaptiveGroupedPooledEmbeddingsLookup",
+    "rule_of",
+]
