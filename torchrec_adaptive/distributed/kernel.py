@@ -128,7 +128,10 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
             # Several column shards of one table can land in one group: kernel names must be unique.
             name = t.name if counts[t.name] == 1 else f"{t.name}#{seen[t.name]}"
             seen[t.name] += 1
-            specs.append(TableSpec(name=name, num_rows=t.local_rows, dim=t.local_cols))
+            offsets = t.local_metadata.shard_offsets if t.local_metadata is not None else [0, 0]
+            specs.append(TableSpec(name=name, num_rows=t.local_rows, dim=t.local_cols, global_name=t.name,
+                                   row_offset=int(offsets[0]), col_offset=int(offsets[1]),
+                                   global_num_rows=t.num_embeddings, global_dim=t.embedding_dim))
             init_range[name] = (lo, hi)
 
         def init(table: TableSpec, weight: torch.Tensor) -> None:

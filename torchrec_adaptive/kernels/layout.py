@@ -14,18 +14,38 @@ from typing import Sequence
 
 @dataclass(frozen=True)
 class TableSpec:
-    """One embedding table of a kernel. ``lr_multiplier`` is the per-table kappa_t."""
+    """One embedding table (or one shard of a table) held by a kernel.
+
+    ``lr_multiplier`` is the per-table kappa_t. The ``global_*`` and offset fields
+    place a shard inside its whole table, so that things defined per global row
+    (MEDA's re-initialization) come out the same under any sharding plan.
+    """
 
     name: str
     num_rows: int
     dim: int
     lr_multiplier: float = 1.0
+    global_name: str | None = None  # the whole table's name (default: name)
+    row_offset: int = 0  # global row id of this shard's row 0
+    col_offset: int = 0  # global column of this shard's column 0
+    global_num_rows: int | None = None  # default: num_rows
+    global_dim: int | None = None  # default: dim
+
+    @property
+    def table_name(self) -> str:
+        return self.global_name or self.name
 
     def __post_init__(self) -> None:
         if self.num_rows <= 0:
             raise ValueError(f"table {self.name!r}: num_rows must be > 0, got {self.num_rows}")
         if self.dim <= 0:
             raise ValueError(f"table {self.name!r}: dim must be > 0, got {self.dim}")
+        if self.row_offset < 0 or self.col_offset < 0:
+            raise ValueError(f"table {self.name!r}: shard offsets must be >= 0")
+        if self.row_offset + self.num_rows > (self.global_num_rows or self.num_rows) or self.col_offset + self.dim > (
+            self.global_dim or self.dim
+        ):
+            raise ValueError(f"table {self.name!r}: the shard does not fit in its global table")
         if not self.lr_multiplier > 0:
             raise ValueError(f"table {self.name!r}: lr_multiplier must be > 0, got {self.lr_multiplier}")
 
