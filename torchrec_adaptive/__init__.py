@@ -4,6 +4,8 @@
 names the rule; the kernel in :mod:`torchrec_adaptive.kernels` runs it inside backward.
 """
 
+from .diagnostics import row_statistics
+from .epochs import EpochReport, MEDAConfig, start_epoch
 from .kernels import BatchedAdaptiveEmbeddingBag, TableSpec
 from .rules import Adam, AdamAR, AdamARConfig, AdamConfig, FALConfig, RowWiseAdagrad, RowWiseAdagradConfig
 
@@ -25,9 +27,13 @@ __all__ = [
     "AdamARConfig",
     "AdamConfig",
     "BatchedAdaptiveEmbeddingBag",
+    "EpochReport",
+    "MEDAConfig",
     "FALConfig",
     "RowWiseAdagrad",
     "RowWiseAdagradConfig",
     "TableSpec",
+    "row_statistics",
     "sharders",
+    "start_epoch",
 ]

@@ -35,6 +35,7 @@ from . import fused_cpu
 from .fused_cpu import LookupGrad
 from .inputs import BOUNDS_CHECK_MODES, NONFINITE_MODES, check_bounds, check_input_tensors, nonfinite_features
 from .layout import DimGroup, TableSpec, plan_layout
+from .reinit import hashed_uniform, table_salt
 
 POOLING_MODES = ("sum", "mean")
 _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
@@ -81,9 +82,8 @@ class _FusedLookup(torch.autograd.Function):
 
 
 def default_weights_init(table: TableSpec, weight: Tensor) -> None:
-    """TorchRec's default for ``EmbeddingBagConfig``: U(-sqrt(1/n), sqrt(1/n))."""
-    bound = math.sqrt(1.0 / table.num_rows)
-    weight.uniform_(-bound, bound)
+    """TorchRec's default for ``EmbeddingBagConfig``: U(-sqrt(1/n), sqrt(1/n)), n the global rows."""
+    weight.uniform_(*table.bounds)
 
 
 class BatchedAdaptiveEmbeddingBag(nn.Module):
@@ -237,8 +237,39 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         """FAL's m_r(e) uses the epoch; a ratio tail threshold is re-estimated here."""
         if epoch < 1:
             raise ValueError(f"epochs count from 1, got {epoch}")
+        if epoch < self.epoch:
+            raise ValueError(f"epoch {epoch} is before the current epoch {self.epoch}: epochs only go forward")
         self.epoch = int(epoch)
         self.refresh_row_statistics()
+
+    @torch.no_grad()
+    def reinit_rows(self, table: int, rows: Tensor, *, seed: int, epoch: int, reset_state: bool = True,
+                    keep_counts: bool = True) -> None:
+        """MEDA: give ``rows`` (local ids) of ``table`` fresh values from the table's
+        initializer, a function of (seed, epoch, table, global row, column) only
+        (kernels/reinit.py), so any sharding of the table gets the same values.
+
+        ``reset_state`` zeroes the rule's state of those rows (moments, Adagrad sums)
+        and sets their last-touched step s_r to the current step, so AdamAR's idle
+        decay counts from the re-initialization instead of shrinking the fresh row by
+        alpha * k. Counts c_r are kept unless ``keep_counts=False``.
+        """
+        spec = self.layout.tables[table]
+        rows = rows.to(device=self.weights.device, dtype=torch.long)
+        if rows.numel() == 0:
+            return
+        cols = torch.arange(spec.col_offset, spec.col_offset + spec.dim, device=rows.device)
+        salt = table_salt(seed, epoch, spec.table_name)
+        values = hashed_uniform(salt, rows + spec.row_offset, cols, *spec.bounds).to(self.weights.dtype)
+        self.split_embedding_weights()[table].index_copy_(0, rows, values)
+        if not reset_state:
+            return
+        state = self.get_optimizer_state()[table]
+        for slot in self._slots:
+            if slot.name == "row_count" and keep_counts:
+                continue
+            fill = float(self.optimizer_step) if slot.name == "row_last_step" else slot.init
+            state[slot.name].index_fill_(0, rows, fill)
 
     def refresh_row_statistics(self) -> None:
         """Re-estimate FAL's per-table quantile threshold from the counts so far."""

@@ -30,10 +30,19 @@ class TableSpec:
     col_offset: int = 0  # global column of this shard's column 0
     global_num_rows: int | None = None  # default: num_rows
     global_dim: int | None = None  # default: dim
+    # U(lo, hi) of the table's initializer; default TorchRec's +-sqrt(1 / global rows)
+    init_bounds: tuple[float, float] | None = None
 
     @property
     def table_name(self) -> str:
         return self.global_name or self.name
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        if self.init_bounds is not None:
+            return self.init_bounds
+        b = (1.0 / (self.global_num_rows or self.num_rows)) ** 0.5
+        return (-b, b)
 
     def __post_init__(self) -> None:
         if self.num_rows <= 0:
