@@ -36,6 +36,7 @@ from .fused_cpu import LookupGrad
 from .inputs import BOUNDS_CHECK_MODES, NONFINITE_MODES, check_bounds, check_input_tensors, nonfinite_features
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
+from .sharpness import CapturedRows, SavedRows, row_perturbation
 
 POOLING_MODES = ("sum", "mean")
 _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
@@ -168,6 +169,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             self._feature_cols.append((col, col + d))
             col += d
         self._workspace = Workspace()
+        self._capture_next = False
+        self.captured: list[CapturedRows] = []
+        self._perturbed: list[SavedRows] = []
         self._fused = fused_cpu.fused_for(self.chain, device, self.weights.dtype) if fused else None
         self._fal = next((t for t in self.chain.transforms if isinstance(t, scale_by_row_frequency)), None)
 
@@ -347,6 +351,10 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 raise FloatingPointError(msg + "; the update was refused, weights and optimizer state are unchanged")
             warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=2)
             return
+        if self._capture_next:
+            self._capture(lookups, batch_size, grad_output)
+            return
+        self.restore_perturbation()
         step = self.optimizer_step + 1
         if self._fal is not None and self._fal.tau_is_ratio and (step - 1) % self.rule.fal.tau_refresh_steps == 0:  # type: ignore[union-attr]
             self.refresh_row_statistics()
@@ -363,6 +371,58 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table)
                 update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
+
+    # ------------------------------------------------------ Helen (sharpness)
+    def capture_next_backward(self) -> None:
+        """The next backward records the touched rows' gradients and updates nothing
+        (no weight, state or step change): Helen's first pass."""
+        self._capture_next = True
+        self.captured = []
+
+    def _capture(self, lookups: list[_GroupLookups], batch_size: int, grad_output: Tensor) -> None:
+        self._capture_next = False
+        counts = self._slot_buffer("row_count")
+        for gi, (g, lk) in enumerate(zip(self.layout.groups, lookups)):
+            if not g.features or lk.indices.numel() == 0:
+                continue
+            rows, occurrences, grad = self._sorted_lookups(lk, self._bag_grads(g, grad_output, batch_size))
+            starts = torch.tensor(g.table_row_starts, device=rows.device)
+            table = torch.tensor(g.tables, device=rows.device)[torch.searchsorted(starts, rows, right=True) - 1]
+            c = counts[g.row_start : g.row_start + g.num_rows][rows] + occurrences
+            self.captured.append(CapturedRows(gi, rows, c, table, grad.materialize()))
+
+    def local_max_counts(self) -> dict[str, float]:
+        """max c_r per table on this rank, counting the captured batch (for rho_r)."""
+        out: dict[str, float] = {}
+        states = self.get_optimizer_state()
+        for t, spec in enumerate(self.layout.tables):
+            out[spec.table_name] = max(out.get(spec.table_name, 0.0), float(states[t]["row_count"].max()))
+        for cap in self.captured:
+            for t in cap.table.unique().tolist():
+                name = self.layout.tables[t].table_name
+                out[name] = max(out[name], float(cap.counts[cap.table == t].max()))
+        return out
+
+    @torch.no_grad()
+    def perturb_captured(self, rho: float, xi: float, max_count: dict[str, float]) -> None:
+        """w_r += eps_r on the captured rows; the originals are kept for ``restore_perturbation``."""
+        if self._perturbed:
+            raise RuntimeError("rows are already perturbed; restore them first")
+        peak = torch.tensor([max_count[t.table_name] for t in self.layout.tables], dtype=torch.float32,
+                            device=self.weights.device)
+        for cap in self.captured:
+            w, _ = self._group_views(self.layout.groups[cap.group])
+            eps = row_perturbation(cap, rho, xi, peak)
+            self._perturbed.append(SavedRows(w, cap.rows, w.index_select(0, cap.rows)))
+            w.index_add_(0, cap.rows, eps.to(w.dtype))
+        self.captured = []
+
+    @torch.no_grad()
+    def restore_perturbation(self) -> None:
+        """Write the perturbed rows' original values back (bit-exact); no-op if none."""
+        for saved in reversed(self._perturbed):
+            saved.restore()
+        self._perturbed = []
 
     def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> Tensor:
         """The output gradient of each bag of this group, as a [bags, D] matrix in the

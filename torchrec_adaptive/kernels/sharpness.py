@@ -1,0 +1,49 @@
+"""Helen's frequency-wise sharpness-aware perturbation of touched rows (seeds/helen_*).
+
+The two-pass step needs three things from a fused kernel, all on touched rows
+only and never on a dense table gradient: capture a backward's coalesced row
+gradients without updating, perturb those rows by
+eps_r = rho_r g_r / ||g_r||, rho_r = rho max(c_r / max_t c, xi), and put the exact
+original rows back before the next update. Restoring from a saved copy (not by
+subtracting eps) leaves no floating-point residue of eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CapturedRows:
+    """One dim group's touched rows from a captured backward."""
+
+    group: int
+    rows: Tensor  # [U] rows within the group's block
+    counts: Tensor  # [U] c_r after this batch (stored count + occurrences)
+    table: Tensor  # [U] kernel table index of each row
+    grad: Tensor  # [U, D] coalesced gradient
+
+
+def row_perturbation(cap: CapturedRows, rho: float, xi: float, max_count: Tensor) -> Tensor:
+    """eps [U, D] for the captured rows; ``max_count`` [T] is max c_r per table (all shards)."""
+    peak = max_count[cap.table].to(cap.counts.dtype)
+    ratio = torch.where(peak > 0, cap.counts / peak.clamp(min=1e-30), torch.zeros_like(cap.counts))
+    rho_r = rho * torch.clamp(ratio, min=xi)
+    norm = cap.grad.norm(dim=1)
+    scale = torch.where(norm > 0, rho_r / norm.clamp(min=1e-30), torch.zeros_like(norm))
+    return cap.grad * scale.unsqueeze(1).to(cap.grad.dtype)
+
+
+@dataclass
+class SavedRows:
+    """Original values of perturbed rows, to write back bit-exactly."""
+
+    weight: Tensor  # the [R, D] block view
+    rows: Tensor
+    values: Tensor
+
+    def restore(self) -> None:
+        self.weight.index_copy_(0, self.rows, self.values)
