@@ -25,8 +25,42 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+class _Validated:
+    """Validates the hyperparameters at construction (and, through ``RowChain``, on change)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+class _RowDecay(_Validated):
+    """A stateless transform that multiplies each touched row by ``row_keep(batch)``.
+
+    Exposing the factor (not just applying it) lets the fused CPU loops fold every
+    decay of a chain into one multiplier per row.
+    """
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def row_keep(self, batch: RowBatch) -> Tensor | None:
+        raise NotImplementedError
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        keep = self.row_keep(batch)
+        if keep is not None:
+            batch.weight.mul_(keep.unsqueeze(1))
+        return {}
+
+
+def _check_weight_decay(wd: float) -> None:
+    _check(wd >= 0 and math.isfinite(wd), f"weight_decay must be >= 0, got {wd}")
+
+
 @dataclass
-class track_row_history:  # noqa: N801 - optax-style factory name
+class track_row_history(_Validated):  # noqa: N801 - optax-style factory name
     """Keeps s_r (last step the row was touched) and c_r (its occurrence count).
 
     Publishes ``skipped`` = I_r = k - s_r - 1 (computed *before* s_r is moved to
@@ -40,9 +74,6 @@ class track_row_history:  # noqa: N801 - optax-style factory name
     def validate(self) -> None:
         _check(self.half_life >= 0 and math.isfinite(self.half_life),
                f"count_half_life must be >= 0 and finite, got {self.half_life}")
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def slots(self) -> tuple[StateSlot, ...]:
         return (StateSlot(LAST_STEP, torch.int64), StateSlot(COUNT, torch.float32))
@@ -61,7 +92,7 @@ class track_row_history:  # noqa: N801 - optax-style factory name
 
 
 @dataclass
-class add_adaptive_row_decay:  # noqa: N801
+class add_adaptive_row_decay(_RowDecay):  # noqa: N801
     """AdamAR's decay of a row by how long it went untouched (seeds/adamar_*).
 
     ``linear`` (the seed's rule): theta_r <- (1 - min(1, alpha I_r)) theta_r.
@@ -82,12 +113,6 @@ class add_adaptive_row_decay:  # noqa: N801
                f"decay must be 'linear' or 'exponential' (interval='fbgemm' for FBGEMM's form), got {self.mode!r}")
         _check(0.0 <= self.min_shrinkage <= 1.0, f"min_shrinkage must be in [0, 1], got {self.min_shrinkage}")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def slots(self) -> tuple[StateSlot, ...]:
-        return ()
-
     def row_keep(self, batch: RowBatch) -> Tensor | None:
         """The factor [U] each touched row's weight is multiplied by (None: 1)."""
         if self.alpha == 0.0:
@@ -102,28 +127,15 @@ class add_adaptive_row_decay:  # noqa: N801
         shrink = 1.0 - torch.clamp(batch.lr.squeeze(1) * self.alpha * delta, 0.0, 1.0)
         return torch.clamp(shrink, min=self.min_shrinkage)
 
-    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        keep = self.row_keep(batch)
-        if keep is not None:
-            batch.weight.mul_(keep.unsqueeze(1))
-        return {}
-
 
 @dataclass
-class add_decoupled_row_decay:  # noqa: N801
+class add_decoupled_row_decay(_RowDecay):  # noqa: N801
     """AdamW-style decoupled weight decay on touched rows: theta <- theta - lr wd theta."""
 
     weight_decay: float = 0.0
 
     def validate(self) -> None:
-        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
-               f"weight_decay must be >= 0, got {self.weight_decay}")
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def slots(self) -> tuple[StateSlot, ...]:
-        return ()
+        _check_weight_decay(self.weight_decay)
 
     def row_keep(self, batch: RowBatch) -> Tensor | None:
         """The factor [U] each touched row's weight is multiplied by (None: 1)."""
@@ -131,25 +143,15 @@ class add_decoupled_row_decay:  # noqa: N801
             return None
         return 1.0 - batch.lr.squeeze(1) * self.weight_decay
 
-    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        keep = self.row_keep(batch)
-        if keep is not None:
-            batch.weight.mul_(keep.unsqueeze(1))
-        return {}
-
 
 @dataclass
-class add_l2_to_row_grad:  # noqa: N801
+class add_l2_to_row_grad(_Validated):  # noqa: N801
     """Coupled L2 regularization: g <- g + wd theta (FBGEMM's ``WeightDecayMode.L2``)."""
 
     weight_decay: float = 0.0
 
     def validate(self) -> None:
-        _check(self.weight_decay >= 0 and math.isfinite(self.weight_decay),
-               f"weight_decay must be >= 0, got {self.weight_decay}")
-
-    def __post_init__(self) -> None:
-        self.validate()
+        _check_weight_decay(self.weight_decay)
 
     def slots(self) -> tuple[StateSlot, ...]:
         return ()
@@ -161,16 +163,13 @@ class add_l2_to_row_grad:  # noqa: N801
 
 
 @dataclass
-class scale_by_rowwise_adagrad:  # noqa: N801
+class scale_by_rowwise_adagrad(_Validated):  # noqa: N801
     """FBGEMM's EXACT_ROWWISE_ADAGRAD: G_r += mean_j g_rj^2; direction = g / (sqrt(G_r) + eps)."""
 
     eps: float = 1e-8
 
     def validate(self) -> None:
         _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def slots(self) -> tuple[StateSlot, ...]:
         return (StateSlot("momentum", torch.float32),)
@@ -183,7 +182,7 @@ class scale_by_rowwise_adagrad:  # noqa: N801
 
 
 @dataclass
-class scale_by_row_adam:  # noqa: N801
+class scale_by_row_adam(_Validated):  # noqa: N801
     """Lazy Adam on touched rows, bias-corrected with the *global* step k.
 
     m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
@@ -202,9 +201,6 @@ class scale_by_row_adam:  # noqa: N801
         _check(0.0 <= self.beta2 < 1.0, f"betas[1] must be in [0, 1), got {self.beta2}")
         _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def slots(self) -> tuple[StateSlot, ...]:
         return (StateSlot("exp_avg", per_element=True), StateSlot("exp_avg_sq", per_element=True))
 
@@ -222,7 +218,7 @@ class scale_by_row_adam:  # noqa: N801
 
 
 @dataclass
-class scale_by_row_frequency:  # noqa: N801
+class scale_by_row_frequency(_Validated):  # noqa: N801
     """FAL (seeds/pinterest_*): rare rows get a smaller learning rate.
 
     m_r = max(m_min, min(1, c_r / tau))^p, and in epoch e the gap decays:
@@ -247,9 +243,6 @@ class scale_by_row_frequency:  # noqa: N801
         _check(self.power >= 0 and math.isfinite(self.power), f"fal_power must be >= 0, got {self.power}")
         _check(0.0 <= self.min_multiplier <= 1.0, f"fal_min must be in [0, 1], got {self.min_multiplier}")
         _check(0.0 <= self.epoch_decay <= 1.0, f"fal_epoch_decay must be in [0, 1], got {self.epoch_decay}")
-
-    def __post_init__(self) -> None:
-        self.validate()
 
     def slots(self) -> tuple[StateSlot, ...]:
         return ()
