@@ -28,10 +28,23 @@ B = 64
 FTM_FBGEMM = [0, 1, 2, 3]
 
 
+_PATH = {"fused": True}
+
+
+@pytest.fixture(autouse=True, params=["fused-cpu-loops", "eager-chain"])
+def update_path(request):
+    """Every parity test runs twice: through the compiled CPU loops and through the
+    eager chain (the device-agnostic path CUDA uses)."""
+    _PATH["fused"] = request.param == "fused-cpu-loops"
+    yield
+
+
 def make_kernel(rule, pooling="sum", seed=0, ftm=FTM, **kw) -> BatchedAdaptiveEmbeddingBag:
     torch.manual_seed(seed)
     specs = [TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))]
-    return BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=ftm, pooling=pooling, **kw)
+    k = BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=ftm, pooling=pooling, fused=_PATH["fused"], **kw)
+    assert (k._fused is not None) == _PATH["fused"], "the update path under test was not the one used"
+    return k
 
 
 def batches(steps=STEPS, weighted=False, seed=1, index_dtype=torch.int64, max_pooling=5, ftm=FTM):
