@@ -107,7 +107,10 @@ class Wrapper(nn.Module):
         self.ebc = ebc
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(kjt).values()
+        # In feature order: a sharded EBC orders its output keys by where the tables
+        # sit (table_wise with t0 on rank 1 gives f2, f0, f1, f3).
+        pooled = self.ebc(kjt).to_dict()
+        return torch.cat([pooled[f] for f, _ in feature_rows()], dim=1)
 
 
 def per_param_sharding(sharding_type: str) -> Dict[str, Any]:
@@ -196,13 +199,22 @@ def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: 
                 for (n, *_), w in zip(TABLES, ref.split_embedding_weights()))
     if not moved > 1e-3:
         raise AssertionError(f"the reference barely trained (max weight change {moved:.2g}); the test would be vacuous")
+    checked = check_against_reference(model, ref, steps, tol)
+    return {"checked": checked, "setup_s": round(t_setup, 2), "train_s": round(t_train, 2)}
+
+
+def check_against_reference(model: nn.Module, ref: BatchedAdaptiveEmbeddingBag, steps: int, tol: float,
+                            tables: Sequence[str] = tuple(n for n, *_ in TABLES)) -> int:
+    """Every local shard of the weights and of every optimizer state of ``model`` equals the
+    matching slice of the single-process kernel ``ref`` (tables in ``TABLES`` order), and
+    each table's step k is ``steps``. Returns how many shards were compared."""
     checked = 0
     sd = model.state_dict()
-    for i, (n, *_) in enumerate(TABLES):
+    for i, n in enumerate(tables):
         checked += compare_sharded(f"weight {n}", sd[f"ebc.embedding_bags.{n}.weight"], ref.split_embedding_weights()[i], tol)
     ost = model.fused_optimizer.state_dict()["state"]
     ref_states = ref.get_optimizer_state()
-    for i, (n, *_) in enumerate(TABLES):
+    for i, n in enumerate(tables):
         key = f"ebc.embedding_bags.{n}.weight"
         if key not in ost:  # no shard of this table on this rank (table-wise)
             if sd[key].local_shards():
@@ -217,7 +229,7 @@ def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: 
         got_step = int(states[f"{n}.optimizer_step"]["step"])
         if got_step != steps:
             raise AssertionError(f"{n}.optimizer_step = {got_step}, expected {steps}")
-    return {"checked": checked, "setup_s": round(t_setup, 2), "train_s": round(t_train, 2)}
+    return checked
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Dict[str, Any]], args: tuple, q: Any) -> None:

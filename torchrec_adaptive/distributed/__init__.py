@@ -18,8 +18,14 @@ except where a rule reduces over a whole row or table that the plan splits:
 RowWiseAdagrad's accumulator under column-wise sharding is the mean over the shard's
 own columns (FBGEMM behaves the same), and FAL's quantile threshold
 (``fal_tau_is_ratio``) is taken over the rows of the local shard.
+
+Checkpoints: ``checkpoint.save(model, path)`` / ``checkpoint.load(model, path)`` are
+``torch.distributed.checkpoint`` with a check first (every key present, same global
+shapes, same optimizer per table; a clear ``ValueError`` otherwise and nothing
+loaded). A checkpoint loads under another plan or world size (resharding).
 """
 
+from . import checkpoint
 from .embeddingbag import (
     AdaptiveEmbeddingBagCollectionSharder,
     ShardedAdaptiveEmbeddingBagCollection,
@@ -27,7 +33,14 @@ from .embeddingbag import (
     sharders,
 )
 from .kernel import ADAPTIVE_RULE_KEY, AdaptiveBatchedEmbeddingBag, AdaptiveFusedOptimizer
-from .planner import AdaptiveKernelEstimator, adaptive_constraints, adaptive_planner, plan
+from .planner import (
+    AdaptiveKernelEstimator,
+    adaptive_constraints,
+    adaptive_planner,
+    compute_time_factor,
+    optimizer_state_bytes,
+    plan,
+)
 
 __all__ = [
     "ADAPTIVE_RULE_KEY",
@@ -39,6 +52,9 @@ __all__ = [
     "adaptive_constraints",
     "adaptive_planner",
     "adaptive_table_names",
+    "checkpoint",
+    "compute_time_factor",
+    "optimizer_state_bytes",
     "plan",
     "sharders",
 ]

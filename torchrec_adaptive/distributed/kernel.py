@@ -53,17 +53,37 @@ def rule_of(config: GroupedEmbeddingConfig) -> RuleConfig:
     return rule
 
 
+# Each table's entry for the step k in the fused optimizer's state dict, and the key
+# inside it that names the optimizer that wrote it (checked on load).
+STEP_SLOT = "optimizer_step"
+OPTIMIZER_NAME_KEY = "optimizer"
+
+
 class OptimizerStep:
     """The kernel's global step k, in TorchRec's "stateful" protocol so that
-    ``KeyedOptimizer.state_dict``/``load_state_dict`` (and DCP) save and restore it."""
+    ``KeyedOptimizer.state_dict``/``load_state_dict`` (and DCP) save and restore it.
 
-    def __init__(self, module: BatchedAdaptiveEmbeddingBag) -> None:
+    It also records which optimizer wrote the state (``"AdamAR"``, ...): loading
+    another optimizer's state (Adam's moments into AdamAR, whose slots have the same
+    names) raises instead of silently training on foreign state.
+    """
+
+    def __init__(self, module: BatchedAdaptiveEmbeddingBag, table: str) -> None:
         self._module = module
+        self._table = table
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {"step": torch.tensor(self._module.optimizer_step, dtype=torch.int64)}
+    def state_dict(self) -> Dict[str, Any]:
+        return {"step": torch.tensor(self._module.optimizer_step, dtype=torch.int64),
+                OPTIMIZER_NAME_KEY: self._module.rule.name}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        mine = self._module.rule.name
+        theirs = state_dict.get(OPTIMIZER_NAME_KEY, mine)
+        if theirs != mine:
+            raise ValueError(f"table {self._table!r}: the optimizer state was written by {theirs!r}, "
+                             f"this model trains the table with {mine!r}; nothing of this table was loaded")
+        if "step" not in state_dict:
+            raise ValueError(f"table {self._table!r}: the optimizer state has no step k ('{self._table}.{STEP_SLOT}')")
         self._module.set_optimizer_step(int(state_dict["step"]))
 
 
@@ -85,12 +105,15 @@ class AdaptiveFusedOptimizer(EmbeddingFusedOptimizer):
         self._adaptive_module = emb_module
         first_key = next(iter(emb_module.get_optimizer_state()[0]), None) if config.embedding_tables else None
         for weight, table_state in self.state.items():
-            renamed: Dict[str, Any] = {}
+            if not table_state:
+                continue
+            table = next(iter(table_state)).rpartition(".")[0]
+            # The step entry first: KeyedOptimizer loads entries in this order, so a
+            # state written by another optimizer is refused before any slot is copied.
+            renamed: Dict[str, Any] = {f"{table}.{STEP_SLOT}": OptimizerStep(emb_module, table)}
             for key, value in table_state.items():
-                table, _, slot = key.rpartition(".")
+                _, _, slot = key.rpartition(".")
                 renamed[f"{table}.{first_key}" if slot == "momentum1" and first_key else key] = value
-            if renamed:
-                renamed[f"{next(iter(renamed)).rpartition('.')[0]}.optimizer_step"] = OptimizerStep(emb_module)
             self.state[weight] = renamed
 
     def set_optimizer_step(self, step: int) -> None:
@@ -123,7 +146,6 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
         counts = Counter(t.name for t in config.embedding_tables)
         seen: Counter[str] = Counter()
         specs: List[TableSpec] = []
-        init_range: Dict[str, Tuple[float, float]] = {}
         for t, lo, hi in zip(config.embedding_tables, self._weight_init_mins, self._weight_init_maxs):
             # Several column shards of one table can land in one group: kernel names must be unique.
             name = t.name if counts[t.name] == 1 else f"{t.name}#{seen[t.name]}"
@@ -131,15 +153,13 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
             offsets = t.local_metadata.shard_offsets if t.local_metadata is not None else [0, 0]
             specs.append(TableSpec(name=name, num_rows=t.local_rows, dim=t.local_cols, global_name=t.name,
                                    row_offset=int(offsets[0]), col_offset=int(offsets[1]),
-                                   global_num_rows=t.num_embeddings, global_dim=t.embedding_dim))
-            init_range[name] = (lo, hi)
-
-        def init(table: TableSpec, weight: torch.Tensor) -> None:
-            weight.uniform_(*init_range[table.name])  # TorchRec's EmbeddingBagConfig default
+                                   global_num_rows=t.num_embeddings, global_dim=t.embedding_dim,
+                                   # the table's own U(lo, hi): initial values and MEDA's re-init use it
+                                   init_bounds=(float(lo), float(hi))))
 
         self._emb_module: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
             specs, rule_of(config), feature_table_map=self._feature_table_map,
-            pooling=_pooling(self._pooling), device=device, weights_init=init,
+            pooling=_pooling(self._pooling), device=device,
         )
         self._optim: AdaptiveFusedOptimizer = AdaptiveFusedOptimizer(config, self._emb_module, pg)
 

@@ -1,12 +1,15 @@
 """Planning our tables onto ``customized_kernel`` with TorchRec's planner (torchrec 1.8.0).
 
-Two gaps in the stock planner: nothing tells it which tables need our kernel (the
-compute kernels a sharder offers are per sharding type, not per table), and its
-default perf estimator raises "Unrecognized or unsupported compute kernel" for
-``customized_kernel``. :func:`adaptive_constraints` pins each table's kernel from
-its optimizer class, and :class:`AdaptiveKernelEstimator` costs our kernel as
-TorchRec's ``fused`` one (same memory traffic: one lookup and one in-place row
-update per touched row). The plain route needs neither:
+Gaps in the stock planner: nothing tells it which tables need our kernel (the
+compute kernels a sharder offers are per sharding type, not per table), its default
+perf estimator raises "Unrecognized or unsupported compute kernel" for
+``customized_kernel``, and its storage estimator assumes one optimizer state the size
+of the weights for any optimizer class it does not know (``_get_optimizer_multipler``).
+:func:`adaptive_constraints` pins each table's kernel from its optimizer class, and
+:class:`AdaptiveKernelEstimator` costs our kernel as TorchRec's ``fused`` one, then
+corrects both estimates for our tables: storage from the rule's declared state slots
+(:func:`optimizer_state_bytes`), compute time from our kernel's measured bandwidth
+(:func:`compute_time_factor`). The plain route needs none of this:
 ``DistributedModelParallel(model, sharders=sharders())`` plans our tables ``fused``
 and the sharded module reroutes them; use the helpers to get a plan that names
 ``customized_kernel`` explicitly, e.g. to constrain or print it.
@@ -15,19 +18,26 @@ and the sharded module reroutes them; use the helpers to get a plan that names
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+import math
+from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import GUARDED_COMPUTE_KERNELS, EmbeddingEnumerator
-from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
+from torchrec.distributed.planner.shard_estimators import (
+    EmbeddingPerfEstimator,
+    EmbeddingStorageEstimator,
+    _calculate_optimizer_sizes,
+)
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption
 from torchrec.distributed.planner.types import SharderDataMap
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from ..rules.configs import AdamConfig, RowWiseAdagradConfig, RuleConfig
+from ..rules.optimizers import config_from_optimizer, is_adaptive_optimizer
 from .embeddingbag import adaptive_table_names, sharders
 
 CUSTOMIZED = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
@@ -64,11 +74,84 @@ def adaptive_constraints(model: nn.Module, constraints: Optional[Dict[str, Param
     return out
 
 
+def optimizer_state_bytes(rule: RuleConfig, rows: int, cols: int) -> int:
+    """Bytes of optimizer state our kernel keeps for a ``rows x cols`` shard, from the rule's slots.
+
+    AdamAR / Adam: exp_avg and exp_avg_sq per element (2 x 4 B x cols per row) plus
+    row_last_step (int64) and row_count (float32) per row; row-wise Adagrad: its sum
+    (float32) plus the same per-row history. A column shard keeps its own per-row slots.
+    """
+    per_row = 0
+    for slot in rule.build().slots():
+        size = slot.dtype.itemsize
+        per_row += size * cols if slot.per_element else size
+    return rows * per_row
+
+
+# Measured effective bandwidth of one training step on CPU, in GB/s: the bytes a step
+# must move divided by the step time. Derived from docs/performance.md, "Kernel step"
+# (benchmarks/kernel_step.py, 2026-11-23, 26 x 100k x 64, batch 4096, 2 threads, copy
+# bandwidth ~20 GB/s): bandwidth = 20 GB/s / (the table's "x floor" column).
+# (pooling factor 1, pooling factor 8) per kernel.
+MEASURED_CPU_BANDWIDTH_GBPS: Dict[str, Tuple[float, float]] = {
+    "fbgemm_rowwise_adagrad": (20 / 14.7, 20 / 6.9),  # FBGEMM EXACT_ROWWISE_ADAGRAD: 51.9 / 172.2 ms
+    "RowWiseAdagrad": (20 / 11.6, 20 / 6.3),  # 41.6 / 159.8 ms
+    "Adam": (20 / 6.7, 20 / 4.8),  # 38.4 / 174.3 ms
+    "AdamAR": (20 / 7.0, 20 / 4.7),  # 39.7 / 172.2 ms
+    "FAL": (20 / 6.4, 20 / 4.6),  # FAL + AdamAR: 36.5 / 167.6 ms
+}
+# The floors of the two kernels count different bytes (our Adam state is 3 buffers, FBGEMM's
+# row-wise Adagrad 1 + 1/dim), so the ratio of step times is what compares them:
+# t_ours / t_fbgemm = (floor_ours / bw_ours) / (floor_fbgemm / bw_fbgemm).
+_MEASURED_STEP_MS: Dict[str, Tuple[float, float]] = {
+    "fbgemm_rowwise_adagrad": (51.9, 172.2),
+    "RowWiseAdagrad": (41.6, 159.8),
+    "Adam": (38.4, 174.3),
+    "AdamAR": (39.7, 172.2),
+    "FAL": (36.5, 167.6),
+}
+
+
+def _kernel_family(rule: RuleConfig) -> str:
+    if rule.fal is not None:
+        return "FAL"
+    if isinstance(rule, RowWiseAdagradConfig):
+        return "RowWiseAdagrad"
+    return rule.name if isinstance(rule, AdamConfig) else "AdamAR"
+
+
+def compute_time_factor(rule: RuleConfig, pooling_factor: float, compute_device: str) -> float:
+    """Our kernel's compute time relative to TorchRec's ``fused`` (FBGEMM) estimate.
+
+    TorchRec costs a CPU ``fused`` table at the DDR bandwidth; FBGEMM's row-wise
+    Adagrad and our kernel were measured in the same run (``MEASURED_CPU_BANDWIDTH_GBPS``),
+    so our tables get FBGEMM's estimate times the measured step-time ratio, interpolated
+    linearly in the pooling factor between the measured 1 and 8 (clamped). That keeps
+    our tables and stock FBGEMM tables of one plan on the same scale. CUDA was not
+    measured (no GPU in this project's runs): factor 1 there.
+    """
+    if compute_device != "cpu":
+        return 1.0
+    ours, stock = _MEASURED_STEP_MS[_kernel_family(rule)], _MEASURED_STEP_MS["fbgemm_rowwise_adagrad"]
+    w = min(max((pooling_factor - 1.0) / 7.0, 0.0), 1.0)
+    return ((1 - w) * ours[0] + w * ours[1]) / ((1 - w) * stock[0] + w * stock[1])
+
+
+def _rule_of_option(so: ShardingOption) -> Optional[RuleConfig]:
+    classes = getattr(so.tensor, "_optimizer_classes", None)
+    if not classes or not is_adaptive_optimizer(classes[0]):
+        return None
+    kwargs = dict((getattr(so.tensor, "_optimizer_kwargs", None) or [{}])[0])
+    return config_from_optimizer(classes[0], kwargs)
+
+
 class AdaptiveKernelEstimator(ShardEstimator):
-    """Runs TorchRec's estimators, costing ``customized_kernel`` options as ``fused``."""
+    """Runs TorchRec's estimators, costing ``customized_kernel`` options as ``fused``,
+    then corrects our options' storage (our optimizer state) and compute time (measured)."""
 
     def __init__(self, topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None,
                  estimators: Optional[List[ShardEstimator]] = None) -> None:
+        self._topology = topology
         self._estimators = estimators or [EmbeddingPerfEstimator(topology, constraints),
                                           EmbeddingStorageEstimator(topology, constraints)]
 
@@ -82,6 +165,31 @@ class AdaptiveKernelEstimator(ShardEstimator):
         finally:
             for so in ours:
                 so.compute_kernel = CUSTOMIZED
+        for so in ours:
+            rule = _rule_of_option(so)
+            if rule is not None:
+                self._correct(so, rule)
+
+    def _correct(self, so: ShardingOption, rule: RuleConfig) -> None:
+        device = self._topology.compute_device
+        pooling = sum(so.input_lengths) / max(len(so.input_lengths), 1)
+        factor = compute_time_factor(rule, pooling, device)
+        shape = so.tensor.shape
+        table_bytes = so.tensor.numel() * so.tensor.element_size()
+        for shard in so.shards:
+            if shard.storage is not None:
+                # What TorchRec counted for "the optimizer" (one state the size of the shard
+                # for a class it does not know), replaced by what our kernel allocates.
+                shard_bytes = math.ceil(table_bytes * math.prod(shard.size) / math.prod(shape))
+                theirs = _calculate_optimizer_sizes([shard_bytes], so.tensor._optimizer_classes[0], shape)[0]
+                delta = optimizer_state_bytes(rule, shard.size[0], shard.size[1]) - theirs
+                if device == "cpu":
+                    shard.storage = dataclasses.replace(shard.storage, ddr=shard.storage.ddr + delta)
+                else:
+                    shard.storage = dataclasses.replace(shard.storage, hbm=shard.storage.hbm + delta)
+            if shard.perf is not None and factor != 1.0:
+                shard.perf = dataclasses.replace(shard.perf, fwd_compute=shard.perf.fwd_compute * factor,
+                                                 bwd_compute=shard.perf.bwd_compute * factor)
 
 
 def adaptive_planner(model: nn.Module, topology: Topology, *, batch_size: int = 512,
