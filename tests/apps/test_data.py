@@ -14,7 +14,13 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 CRITEO, AVAZU = SHARED / "criteo_kaggle_sample.tsv", SHARED / "avazu_sample.csv"
 
 
+def _sample(path: Path) -> Path:
+    assert path.exists(), f"{path} is missing: the real data samples live in ../shared/data beside the checkout"
+    return path
+
+
 def test_criteo_kaggle_sample():
+    _sample(CRITEO)
     data = read_criteo_tsv(CRITEO, vocab_sizes=1000)
     assert len(data) == 1999 and data.dense.shape == (1999, 13) and data.sparse.shape == (1999, 26)
     first = CRITEO.read_text().splitlines()[0].split("\t")
@@ -54,6 +60,7 @@ def test_criteo_bad_data_names_file_line_column(tmp_path, content, pattern):
 
 
 def test_avazu_sample():
+    _sample(AVAZU)
     data = read_avazu(AVAZU, vocab_size=500)
     assert len(data) == 100 and data.sparse.shape[1] == 21 + 2 and data.dense.shape == (100, 2)
     assert data.field_names[0] == "C1" and data.field_names[-2:] == ("hour_of_day", "weekday")
