@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rules.apply import RowUpdate, Workspace, allocate_row_state, update_rows
+from ..rules.apply import RowUpdate, Workspace, update_rows
 from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
 from ..rules.transforms import scale_by_row_frequency
@@ -147,10 +147,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 init(t, w)
         # Flat storage for every state slot, in the same layout as the weights.
         self._slots = self.chain.slots()
-        flat = allocate_row_state(self._slots, lay.total_rows, 1, device)
         for s in self._slots:
-            buf = torch.full((lay.total_elems,), s.init, dtype=s.dtype, device=device) if s.per_element else flat[s.name]
-            self.register_buffer(f"state_{s.name}", buf)
+            size = lay.total_elems if s.per_element else lay.total_rows
+            self.register_buffer(f"state_{s.name}", torch.full((size,), s.init, dtype=s.dtype, device=device))
 
         ftm = torch.tensor(lay.feature_table_map, dtype=torch.long)
         rows = torch.tensor([t.num_rows for t in lay.tables], dtype=torch.long)
