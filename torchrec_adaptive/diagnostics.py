@@ -10,7 +10,8 @@ holds 0, bucket i holds [2^(i-1), 2^i), the last bucket is open-ended. Per table
   (NaN for column-sharded tables, whose row norms no single rank sees).
 
 Only tables trained by torchrec_adaptive keep c_r and s_r (FBGEMM's do not).
-Collective when torch.distributed is initialized: call on every rank.
+Collective when torch.distributed is initialized: call on every rank. A
+data-parallel table is counted once (its first replica), not once per rank.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def _local_rows(model: nn.Module) -> list[tuple[str, Tensor, Tensor, Tensor, int
     names = _table_names(model)
     for m in all_modules(model):
         if isinstance(m, BatchedAdaptiveEmbeddingBag):
+            if m.replicas is not None and m.replicas.index != 0:  # the same rows as replica 0's
+                continue
             for spec, w, st in zip(m.layout.tables, m.split_embedding_weights(), m.get_optimizer_state()):
                 full = spec.col_offset == 0 and spec.dim == (spec.global_dim or spec.dim)
                 primary = spec.col_offset == 0

@@ -7,6 +7,7 @@ same rule) on the whole global batch. The loss is a per-rank mean, so with
 TorchRec's default gradient division (by world size) the sharded gradient equals the
 reference's global-mean gradient. Each rank then checks its own shards of the
 weights and of every optimizer state against the matching slice of the reference.
+A data-parallel table is a plain tensor on every rank, checked whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import socket
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import (
     column_wise,
     construct_module_sharding_plan,
+    data_parallel,
     row_wise,
     table_row_wise,
     table_wise,
@@ -124,15 +126,26 @@ def per_param_sharding(sharding_type: str) -> Dict[str, Any]:
         return {n: table_row_wise(host_index=0) for n, *_ in TABLES}
     if sharding_type == "mixed":
         return {"t0": row_wise(), "t1": column_wise(ranks=[0, 1]), "t2": table_wise(rank=1)}
+    if sharding_type == "data_parallel":  # one replicated kernel holding both dim groups
+        return {n: data_parallel() for n, *_ in TABLES}
+    if sharding_type == "dp_mixed":  # a replicated table next to row-wise and table-wise ones
+        return {"t0": row_wise(), "t1": data_parallel(), "t2": table_wise(rank=1)}
     raise ValueError(sharding_type)
 
 
-def _check_close(name: str, local: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+def replicated_tables(sharding_type: str) -> List[str]:
+    """The tables :func:`per_param_sharding` makes data-parallel."""
+    return {"data_parallel": [n for n, *_ in TABLES], "dp_mixed": ["t1"]}.get(sharding_type, [])
+
+
+def _check_close(name: str, local: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Raises unless ``local`` equals ``ref`` to ``tol``; returns the max abs difference."""
     if local.shape != ref.shape:
         raise AssertionError(f"{name}: shape {tuple(local.shape)} vs reference {tuple(ref.shape)}")
     diff = (local.double() - ref.double()).abs().max().item() if local.numel() else 0.0
     if not diff <= tol:
         raise AssertionError(f"{name}: max abs diff {diff:.3g} > {tol}")
+    return diff
 
 
 def _ref_slice(ref: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) -> torch.Tensor:
@@ -142,13 +155,22 @@ def _ref_slice(ref: torch.Tensor, offsets: Sequence[int], sizes: Sequence[int]) 
     return ref[offsets[0]: offsets[0] + sizes[0], offsets[1]: offsets[1] + sizes[1]]
 
 
-def compare_sharded(name: str, value: Any, ref: torch.Tensor, tol: float) -> int:
-    """Checks every local shard; returns how many were checked."""
+def compare_sharded(name: str, value: Any, ref: torch.Tensor, tol: float, replicated: bool = False,
+                    diffs: Optional[List[float]] = None) -> int:
+    """Checks every local shard (``replicated``: the whole plain tensor every rank holds);
+    returns how many were checked, appending each max abs difference to ``diffs``."""
+    found = diffs if diffs is not None else []
+    if replicated:
+        if isinstance(value, ShardedTensor) or not isinstance(value, torch.Tensor):
+            raise AssertionError(f"{name}: a data-parallel table's value should be a plain tensor, got {type(value).__name__}")
+        found.append(_check_close(f"{name} (replicated)", value, ref, tol))
+        return 1
     if isinstance(value, ShardedTensor):
         n = 0
         for shard in value.local_shards():
             md = shard.metadata
-            _check_close(f"{name}@{md.shard_offsets}", shard.tensor, _ref_slice(ref, md.shard_offsets, md.shard_sizes), tol)
+            found.append(_check_close(f"{name}@{md.shard_offsets}", shard.tensor,
+                                      _ref_slice(ref, md.shard_offsets, md.shard_sizes), tol))
             n += 1
         return n
     raise AssertionError(f"{name}: expected a ShardedTensor, got {type(value).__name__}")
@@ -156,6 +178,8 @@ def compare_sharded(name: str, value: Any, ref: torch.Tensor, tol: float) -> int
 
 def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: Dict[str, Any], steps: int,
                       tol: float, pooling_check: bool = True) -> Dict[str, Any]:
+    """Trains ``steps`` steps sharded and in one process; checks every local shard (see the module docstring),
+    and that the replicas of data-parallel tables are bit-identical across ranks."""
     from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
 
     t0 = time.perf_counter()
@@ -199,19 +223,50 @@ def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: 
                 for (n, *_), w in zip(TABLES, ref.split_embedding_weights()))
     if not moved > 1e-3:
         raise AssertionError(f"the reference barely trained (max weight change {moved:.2g}); the test would be vacuous")
-    checked = check_against_reference(model, ref, steps, tol)
-    return {"checked": checked, "setup_s": round(t_setup, 2), "train_s": round(t_train, 2)}
+    diffs: List[float] = []
+    replicated = replicated_tables(sharding_type)
+    checked = check_against_reference(model, ref, steps, tol, replicated=replicated, diffs=diffs)
+    identical = assert_replicas_identical(model, replicated)
+    return {"checked": checked, "max_diff": max(diffs), "replicas_identical": identical,
+            "setup_s": round(t_setup, 2), "train_s": round(t_train, 2)}
+
+
+def _replicated_values(model: nn.Module, table: str) -> Dict[str, torch.Tensor]:
+    """A data-parallel table's weight, every optimizer state and its step k, as plain tensors."""
+    out = {"weight": model.state_dict()[f"ebc.embedding_bags.{table}.weight"]}
+    for k, v in model.fused_optimizer.state_dict()["state"][f"ebc.embedding_bags.{table}.weight"].items():
+        out[k] = v["step"] if isinstance(v, dict) else v
+    return out
+
+
+def assert_replicas_identical(model: nn.Module, tables: Sequence[str]) -> int:
+    """Every rank's replica of each data-parallel table (weights, states, step k) is bit-identical
+    to rank 0's (collective). Returns how many tensors were compared."""
+    n = 0
+    for table in tables:
+        for key, value in sorted(_replicated_values(model, table).items()):
+            assert not isinstance(value, ShardedTensor), f"{table} {key} is a ShardedTensor, not a replica"
+            first = value.detach().clone()
+            dist.broadcast(first, src=0)
+            if not torch.equal(first, value):
+                diff = (first.double() - value.double()).abs().max().item()
+                raise AssertionError(f"{table} {key}: rank {dist.get_rank()}'s replica differs from rank 0's by {diff:.3g}")
+            n += 1
+    return n
 
 
 def check_against_reference(model: nn.Module, ref: BatchedAdaptiveEmbeddingBag, steps: int, tol: float,
-                            tables: Sequence[str] = tuple(n for n, *_ in TABLES)) -> int:
+                            tables: Sequence[str] = tuple(n for n, *_ in TABLES), replicated: Collection[str] = (),
+                            diffs: Optional[List[float]] = None) -> int:
     """Every local shard of the weights and of every optimizer state of ``model`` equals the
     matching slice of the single-process kernel ``ref`` (tables in ``TABLES`` order), and
-    each table's step k is ``steps``. Returns how many shards were compared."""
+    each table's step k is ``steps``; ``replicated`` tables (data-parallel) are checked whole.
+    Returns how many shards were compared; each max abs difference goes to ``diffs``."""
     checked = 0
     sd = model.state_dict()
     for i, n in enumerate(tables):
-        checked += compare_sharded(f"weight {n}", sd[f"ebc.embedding_bags.{n}.weight"], ref.split_embedding_weights()[i], tol)
+        checked += compare_sharded(f"weight {n}", sd[f"ebc.embedding_bags.{n}.weight"], ref.split_embedding_weights()[i],
+                                   tol, n in replicated, diffs)
     ost = model.fused_optimizer.state_dict()["state"]
     ref_states = ref.get_optimizer_state()
     for i, n in enumerate(tables):
@@ -225,7 +280,7 @@ def check_against_reference(model: nn.Module, ref: BatchedAdaptiveEmbeddingBag, 
         if set(states) != expected:
             raise AssertionError(f"optimizer state keys of {n}: {sorted(states)} != {sorted(expected)}")
         for k, v in ref_states[i].items():
-            checked += compare_sharded(f"{n}.{k}", states[f"{n}.{k}"], v, tol)
+            checked += compare_sharded(f"{n}.{k}", states[f"{n}.{k}"], v, tol, n in replicated, diffs)
         got_step = int(states[f"{n}.optimizer_step"]["step"])
         if got_step != steps:
             raise AssertionError(f"{n}.optimizer_step = {got_step}, expected {steps}")
@@ -320,6 +375,10 @@ def _kernels_of(model: nn.Module) -> Dict[str, Any]:
     return out
 
 
+# TorchRec's own kernels for a table trained by an FBGEMM optimizer: fused, or dense when replicated.
+_STOCK_KERNELS = ("BatchedFusedEmbeddingBag", "BatchedDenseEmbeddingBag")
+
+
 def pitfall_worker(rank: int) -> Dict[str, Any]:
     """Checks the plain route, the EmbOptimType cast, and kwargs isolation in a mixed model."""
     from torchrec.distributed.sharding_plan import get_default_sharders
@@ -347,6 +406,8 @@ def pitfall_worker(rank: int) -> Dict[str, Any]:
     plain_plan = {n: ps.compute_kernel for n, ps in model.module.ebc.module_sharding_plan.items()}
     assert set(plain_plan.values()) == {"customized_kernel"}, plain_plan
     # 3. Mixed model, default planner: our kwargs reach only our kernel, FBGEMM's only FBGEMM.
+    #    (The sharder offers data_parallel, so TorchRec's planner may replicate the small stock
+    #    table on its dense kernel under DDP, as stock TorchRec would: still TorchRec's kernel.)
     model = DistributedModelParallel(_mixed_model(), env=env, device=cpu, sharders=sharders())
     kernels = _kernels_of(model)
     for t in ("t0", "t1"):
@@ -357,32 +418,44 @@ def pitfall_worker(rank: int) -> Dict[str, Any]:
             assert rule == ta.AdamAR.rule_config(lr=1e-3, alpha=1e-3), rule
     if "t2" in kernels:
         kind, fp = kernels["t2"]
-        assert kind == "BatchedFusedEmbeddingBag", kind
+        assert kind in _STOCK_KERNELS, kind
         leaked = {"alpha", ADAPTIVE_RULE_KEY} & set(fp)
         assert not leaked, f"our kwargs reached FBGEMM: {leaked}"
     _train_steps(model, rank, 3)
     keys = {k for k in model.fused_optimizer.state_dict()["state"]}
-    # 4. The planner helper names customized_kernel and keeps FBGEMM tables on fused.
+    # 4. The planner helper names customized_kernel and keeps FBGEMM tables on TorchRec's kernels
+    #    ("fused", or "dense" where it replicates them).
     mixed = _mixed_model()
     sharding_plan = plan(mixed, dist.group.WORLD, batch_size=BATCH_PER_RANK)
-    kinds = {n: ps.compute_kernel for n, ps in sharding_plan.plan["ebc"].items()}  # type: ignore[union-attr]
-    assert kinds == {"t0": "customized_kernel", "t1": "customized_kernel", "t2": "fused"}, kinds
+    planned = {n: (ps.sharding_type, ps.compute_kernel) for n, ps in sharding_plan.plan["ebc"].items()}  # type: ignore[union-attr]
+    kinds = {n: k if n != "t2" else "stock" for n, (_, k) in planned.items()}
+    assert kinds == {"t0": "customized_kernel", "t1": "customized_kernel", "t2": "stock"}, planned
+    assert planned["t2"][1] == ("dense" if planned["t2"][0] == "data_parallel" else "fused"), planned
     model = DistributedModelParallel(mixed, env=env, device=cpu, plan=sharding_plan, sharders=sharders())
     _train_steps(model, rank, 2)
-    return {"plain_plan": plain_plan, "optimizer_keys": sorted(keys), "helper_plan": kinds}
+    return {"plain_plan": plain_plan, "optimizer_keys": sorted(keys), "helper_plan": kinds, "planned": planned}
 
 
 # ---------------------------------------------------------------- checkpoint
-def _local_shards(model: nn.Module) -> Dict[str, List[torch.Tensor]]:
-    """Every local shard of the weights and of the fused optimizer state, by key (copies)."""
+def _local_shards(model: nn.Module, replicated: Collection[str] = ()) -> Dict[str, List[torch.Tensor]]:
+    """Every local shard of the weights and of the fused optimizer state, by key (copies).
+    Tables in ``replicated`` (data-parallel) must be plain tensors: one "shard", the whole table."""
     out: Dict[str, List[torch.Tensor]] = {}
+
+    def shards(key: str, table: str, v: Any) -> List[torch.Tensor]:
+        if table in replicated:
+            assert isinstance(v, torch.Tensor) and not isinstance(v, ShardedTensor), \
+                f"{key}: a data-parallel table's value should be a plain tensor, got {type(v).__name__}"
+            return [v.detach().clone()]
+        assert isinstance(v, ShardedTensor), f"{key} reached state_dict as {type(v).__name__}, not a ShardedTensor"
+        return [s.tensor.clone() for s in v.local_shards()]
+
     for k, v in model.state_dict().items():
-        assert isinstance(v, ShardedTensor), f"{k} reached state_dict as {type(v).__name__}, not a ShardedTensor"
-        out[k] = [s.tensor.clone() for s in v.local_shards()]
+        out[k] = shards(k, k.split(".")[-2], v)
     for param_key, states in model.fused_optimizer.state_dict()["state"].items():
         for k, v in states.items():
-            out[f"{param_key}/{k}"] = [s.tensor.clone() for s in v.local_shards()] if isinstance(v, ShardedTensor) \
-                else [v["step"].clone()]
+            key = f"{param_key}/{k}"
+            out[key] = [v["step"].clone()] if isinstance(v, dict) else shards(key, param_key.split(".")[-2], v)
     return out
 
 

@@ -11,6 +11,12 @@ Negative controls: the row-wise state dict holds ShardedTensors with the global 
 checkpoint); a model whose local shards are overwritten after the save gets them back
 on load; a RowWiseAdagrad or Adam checkpoint, or one missing a state key, is refused
 with a ``ValueError`` naming table and key, and leaves the model untouched.
+
+Data-parallel: a second 2-rank run trains AdamAR data-parallel and row-wise side by side
+and saves both at steps 3 and 5. The data-parallel checkpoint holds plain tensors of the
+global shape (weights and every state), loads exactly into a fresh data-parallel model,
+and reshards both ways: data-parallel -> row-wise and row-wise -> data-parallel, each
+continued for 2 steps, equal the uninterrupted runs to 1e-5.
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
+from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, row_wise, table_wise
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 import torchrec_adaptive as ta
 
 from .harness import (
-    TABLES, Wrapper, _check_close, _local_shards, check_against_reference, global_batches, head_weight, kjt_for,
-    loss_of, make_ebc, run_ranks,
+    TABLES, Wrapper, _check_close, _local_shards, assert_replicas_identical, check_against_reference, global_batches,
+    head_weight, kjt_for, loss_of, make_ebc, run_ranks,
 )
 
 pytestmark = pytest.mark.distributed
@@ -47,7 +53,13 @@ def _plan(kind: str, world: int) -> Dict[str, Any]:
         return {n: row_wise() for n, *_ in TABLES}
     if kind == "table_wise":  # on 2 ranks t0 moves to rank 1, t1/t2 to rank 0: no shard stays where it was
         return {n: table_wise(rank=(i + 1) % world) for i, (n, *_) in enumerate(TABLES)}
+    if kind == "data_parallel":
+        return {n: data_parallel() for n, *_ in TABLES}
     raise ValueError(kind)
+
+
+def _replicated(kind: str) -> List[str]:
+    return [n for n, *_ in TABLES] if kind == "data_parallel" else []
 
 
 def _build(kind: str, opt_cls: type = ta.AdamAR, kwargs: Dict[str, Any] = KWARGS) -> DistributedModelParallel:
@@ -112,10 +124,12 @@ def _resume_and_compare(path: str, kind: str) -> int:
         steps = [int(v["step"]) for k, v in table_state.items() if k.endswith(".optimizer_step")]
         assert steps == [BEFORE], f"step k after load: {steps}"
     _train(resumed, data[BEFORE:])
-    checked = check_against_reference(resumed, _reference(BEFORE + AFTER), BEFORE + AFTER, TOL)
+    replicated = _replicated(kind)
+    checked = check_against_reference(resumed, _reference(BEFORE + AFTER), BEFORE + AFTER, TOL, replicated=replicated)
     final = _build(kind)
-    checkpoint.load(final, f"{path}/step5")  # the 2-rank row-wise run, not interrupted
-    checked += _assert_equal_shards(_local_shards(final), _local_shards(resumed), f"{kind} vs uninterrupted", TOL)
+    checkpoint.load(final, f"{path}/step5")  # the 2-rank run that saved step3, not interrupted
+    checked += _assert_equal_shards(_local_shards(final, replicated), _local_shards(resumed, replicated),
+                                    f"{kind} vs uninterrupted", TOL)
     return checked
 
 
@@ -222,3 +236,47 @@ def test_checkpoint_reshards_and_refuses_foreign_state(tmp_path: Path) -> None:
     assert all(r["restored"] > 0 and r["checked"] > 0 for r in two), two
     one = run_ranks(one_rank_worker, path, world=1)
     assert one[0]["checked"] >= 3 * 6, one  # 3 tables x (weight + 4 states) + the uninterrupted comparison
+
+
+def data_parallel_worker(rank: int, path: str) -> Dict[str, Any]:
+    from torchrec_adaptive.distributed import checkpoint
+
+    data = global_batches(BEFORE + AFTER, GLOBAL_BATCH)
+    init = {f"ebc.{k}": v for k, v in make_ebc().state_dict().items()}
+    every = _replicated("data_parallel")
+    runs = {kind: _build(kind) for kind in ("data_parallel", "row_wise")}
+    for kind, model in runs.items():
+        model.load_state_dict(init)
+        _train(model, data[:BEFORE])
+        checkpoint.save(model, f"{path}/{kind}/step3")
+
+    dp = runs["data_parallel"]
+    # Replicated, not sharded: plain tensors of the global shape, the same on both ranks.
+    sd, ost = dp.state_dict(), dp.fused_optimizer.state_dict()["state"]
+    for n, rows, dim, _ in TABLES:
+        w = sd[f"ebc.embedding_bags.{n}.weight"]
+        assert not isinstance(w, ShardedTensor) and tuple(w.shape) == (rows, dim), (n, type(w), tuple(w.shape))
+        for slot, shape in (("exp_avg", (rows, dim)), ("exp_avg_sq", (rows, dim)), ("row_last_step", (rows,)),
+                            ("row_count", (rows,))):
+            v = ost[f"ebc.embedding_bags.{n}.weight"][f"{n}.{slot}"]
+            assert not isinstance(v, ShardedTensor) and tuple(v.shape) == shape, (n, slot, type(v))
+    identical = assert_replicas_identical(dp, every)
+    # Round trip: a fresh data-parallel model (its own random init) gets exactly the saved state.
+    saved = _local_shards(dp, every)
+    fresh = _build("data_parallel")
+    assert not torch.equal(saved["ebc.embedding_bags.t0.weight"][0], fresh.state_dict()["ebc.embedding_bags.t0.weight"]), \
+        "the fresh model already equals the trained one; the round trip would be vacuous"
+    checkpoint.load(fresh, f"{path}/data_parallel/step3")
+    restored = _assert_equal_shards(saved, _local_shards(fresh, every), "data-parallel round trip", 0.0)
+
+    for kind, model in runs.items():  # the uninterrupted runs
+        _train(model, data[BEFORE:])
+        checkpoint.save(model, f"{path}/{kind}/step5")
+    checked = _resume_and_compare(f"{path}/data_parallel", "row_wise")
+    checked += _resume_and_compare(f"{path}/row_wise", "data_parallel")
+    return {"identical": identical, "restored": restored, "checked": checked}
+
+
+def test_data_parallel_checkpoint_round_trip_and_reshard(tmp_path: Path) -> None:
+    results = run_ranks(data_parallel_worker, str(tmp_path))
+    assert all(r["identical"] > 0 and r["restored"] > 0 and r["checked"] > 0 for r in results), results

@@ -1,6 +1,7 @@
 """MEDA on sharded tables: the re-initialized values are those of the global table
 whatever the plan, optimizer state is reset through TorchRec's fused optimizer, and
-row diagnostics are summed over ranks. Two gloo ranks; our tables and a stock FBGEMM one."""
+row diagnostics are summed over ranks (a data-parallel table counted once). Two gloo
+ranks; our tables and a stock FBGEMM one; dp_mixed replicates our t1 on both ranks."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def meda_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
     return {"checked": checked, "reset": reset}
 
 
-@pytest.mark.parametrize("sharding_type", ["table_wise", "mixed"])
+@pytest.mark.parametrize("sharding_type", ["table_wise", "mixed", "dp_mixed"])
 def test_meda_reinit_is_plan_independent_and_resets_state(sharding_type: str) -> None:
     results = run_ranks(meda_worker, sharding_type)
     assert sum(r["checked"] for r in results) >= len(TABLES)

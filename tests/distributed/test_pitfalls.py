@@ -21,4 +21,4 @@ def test_pitfalls() -> None:
     results = run_ranks(pitfall_worker)
     for r in results:
         assert set(r["plain_plan"].values()) == {"customized_kernel"}
-        assert r["helper_plan"] == {"t0": "customized_kernel", "t1": "customized_kernel", "t2": "fused"}
+        assert r["helper_plan"] == {"t0": "customized_kernel", "t1": "customized_kernel", "t2": "stock"}

@@ -5,8 +5,9 @@ below is an override in a subclass, nothing in TorchRec is patched:
 
 * ``__init__``: tables whose optimizer (from ``apply_optimizer_in_backward``) is one
   of ours are re-planned to ``EmbeddingComputeKernel.CUSTOMIZED_KERNEL`` when the
-  plan says ``fused`` (what TorchRec's default planner picks), so
-  ``DistributedModelParallel(model, sharders=sharders())`` works without a custom plan.
+  plan says ``fused`` (what TorchRec's default planner picks; ``dense`` under
+  data_parallel), so ``DistributedModelParallel(model, sharders=sharders())`` works
+  without a custom plan.
 * ``create_grouped_sharding_infos``: TorchRec casts the optimizer class to an FBGEMM
   ``EmbOptimType`` unless the kwargs hold an ``"optimizer"`` key ("Cannot cast ... to
   an EmbOptimType"); for our tables we hand it ``{"optimizer": <name>, rule key:
@@ -20,16 +21,22 @@ below is an override in a subclass, nothing in TorchRec is patched:
   ``state_dict`` as plain local tensors and DCP keeps one rank's shard. Our kernel
   wrapper already returns ShardedTensors like FBGEMM's, so we let TorchRec's own code
   run with our tables presented as ``fused``.
+* ``init_data_parallel`` / ``sharded_parameter_names``: TorchRec wraps every
+  data-parallel lookup in DDP. Our data-parallel tables are updated in backward from
+  the gathered global batch (``replicated.py``) and have no gradient for DDP, so their
+  weights stay out of every DDP (the lookup's and DMP's); their replicas start from
+  rank 0's values, as DDP would have made them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, Iterator, List, Optional, Set, Type
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, ShardingType
 from torchrec.distributed.embeddingbag import (
@@ -37,6 +44,7 @@ from torchrec.distributed.embeddingbag import (
     ShardedEmbeddingBagCollection,
 )
 from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
 from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
 from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
 from torchrec.distributed.sharding.twrw_sharding import TwRwPooledEmbeddingSharding
@@ -46,10 +54,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 
 from ..rules.optimizers import config_from_optimizer, is_adaptive_optimizer
 from .kernel import ADAPTIVE_RULE_KEY, AdaptiveGroupedPooledEmbeddingsLookup
+from .replicated import ReplicatedLookup, ddp_names_of_replicas, has_other_parameters, replicas_of
 
 CUSTOMIZED = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
-# Kernels a plan may name for one of our tables; all run our kernel.
+DATA_PARALLEL = ShardingType.DATA_PARALLEL.value
+# Kernels a plan may name for one of our tables; all run our kernel. Under
+# data_parallel TorchRec's sharders and planner only know ``dense``.
 _ROUTABLE_KERNELS = {EmbeddingComputeKernel.FUSED.value, CUSTOMIZED}
+_ROUTABLE_DP_KERNELS = _ROUTABLE_KERNELS | {EmbeddingComputeKernel.DENSE.value}
 
 
 def optimizer_class_of(param: torch.Tensor) -> Optional[type]:
@@ -74,12 +86,8 @@ def _route_tables(module: EmbeddingBagCollectionInterface,
     out = dict(plan)
     for name, ps in plan.items():
         if name in ours:
-            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
-                raise NotImplementedError(
-                    f"table {name!r}: data_parallel is not supported for torchrec_adaptive optimizers yet "
-                    "(the fused update would need the all-reduced gradient); plan it table_wise/row_wise/column_wise"
-                )
-            if ps.compute_kernel not in _ROUTABLE_KERNELS:
+            routable = _ROUTABLE_DP_KERNELS if ps.sharding_type == DATA_PARALLEL else _ROUTABLE_KERNELS
+            if ps.compute_kernel not in routable:
                 raise ValueError(f"table {name!r} uses a torchrec_adaptive optimizer, which runs on our kernel; "
                                  f"the plan asks for compute kernel {ps.compute_kernel!r} (use 'fused' or {CUSTOMIZED!r})")
             out[name] = dataclasses.replace(ps, compute_kernel=CUSTOMIZED)
@@ -127,6 +135,14 @@ def _lookup_for(sharding: EmbeddingSharding) -> nn.Module:
             sharding_type = ShardingType.ROW_WISE
     if not any(c.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL for c in configs):
         return sharding.create_lookup()
+    if isinstance(sharding, DpPooledEmbeddingSharding):
+        # TorchRec's DP lookup has no sharding type (and passes scale_weight_gradients=False);
+        # ours names it, so that our kernel builds replicas.
+        env = sharding._env  # type: ignore[attr-defined]
+        return AdaptiveGroupedPooledEmbeddingsLookup(
+            grouped_configs=configs, pg=env.process_group, device=sharding._device,  # type: ignore[attr-defined]
+            sharding_type=ShardingType.DATA_PARALLEL, scale_weight_gradients=False, env=env,
+        )
     if not isinstance(sharding, (TwPooledEmbeddingSharding, CwPooledEmbeddingSharding,  # TwCw subclasses Cw
                                  RwPooledEmbeddingSharding, TwRwPooledEmbeddingSharding)):
         raise NotImplementedError(f"{type(sharding).__name__} is not supported for torchrec_adaptive tables")
@@ -158,6 +174,46 @@ class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         for sharding in self._embedding_shardings:
             self._lookups.append(_lookup_for(sharding))
 
+    def init_data_parallel(self) -> None:
+        """TorchRec's, except for data-parallel lookups holding our tables: their weights
+        never get a gradient (the update happens in backward, from the gathered batch), so
+        DDP must not hold them. A lookup with only our tables is not given to DDP at all
+        (:class:`ReplicatedLookup` stands in); one that also holds stock dense tables is,
+        with our parameters and buffers on DDP's ignore list. Either way our replicas start
+        from rank 0's weights, as DDP's constructor would have made them."""
+        without_ddp: Set[int] = set()
+        for i, (sharding, lookup) in enumerate(zip(self._embedding_shardings, self._lookups)):
+            kernels = replicas_of(lookup) if isinstance(sharding, DpPooledEmbeddingSharding) else []
+            if not kernels:
+                continue
+            for kernel in kernels:
+                kernel.replicas.broadcast_from_first(kernel.weights.detach())  # type: ignore[union-attr]
+            ignore = ddp_names_of_replicas(lookup)
+            if has_other_parameters(lookup, ignore):
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(lookup, sorted(ignore))
+            else:
+                self._lookups[i] = ReplicatedLookup(lookup)
+                without_ddp.add(i)
+        shardings = self._embedding_shardings
+        self._embedding_shardings = [None if i in without_ddp else s for i, s in enumerate(shardings)]  # type: ignore[misc]
+        try:
+            super().init_data_parallel()
+        finally:
+            self._embedding_shardings = shardings
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        """Parameters DMP keeps out of its DDP: TorchRec's list (every parameter of this
+        module), plus our data-parallel tables by name, stated here because DDP must never
+        all-reduce or apply them, whatever TorchRec's default becomes."""
+        names = list(super().sharded_parameter_names(prefix))
+        yield from names
+        dp = [name for name, ps in self.module_sharding_plan.items()
+              if ps.sharding_type == DATA_PARALLEL and ps.compute_kernel == CUSTOMIZED]
+        for name in dp:
+            key = f"{prefix}.embedding_bags.{name}.weight" if prefix else f"embedding_bags.{name}.weight"
+            if key not in names:
+                yield key
+
     def _initialize_torch_state(self, skip_registering: bool = False) -> None:
         real_plan = self.module_sharding_plan
         self.module_sharding_plan = type(real_plan)({  # type: ignore[call-arg]
@@ -181,18 +237,20 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     * row_wise and table_row_wise also on CPU (TorchRec offers them on CUDA only;
       our kernel is device-agnostic);
-    * no data_parallel unless ``offer_data_parallel=True`` (our fused update has no
-      all-reduced gradient to work from, and the default planner puts small tables
-      on data_parallel); with it, plan with :func:`..planner.plan` or
-      :func:`..planner.adaptive_constraints`, which keep our tables model-parallel;
+    * data_parallel as TorchRec does (kernel ``dense``, plus ``customized_kernel`` with
+      ``offer_customized_kernel=True``); our tables planned there run as replicas of
+      our kernel (``replicated.py``). ``offer_data_parallel=False`` takes data_parallel
+      off the offer for every table of the EBC (a sharder's offer is per type), e.g.
+      to keep the default planner from replicating small tables;
     * no grid sharding (our lookup does not implement it);
     * ``customized_kernel`` only with ``offer_customized_kernel=True``, because
       TorchRec's default perf estimator raises on it; without it the planner plans
-      our tables ``fused`` and the sharded module reroutes them.
+      our tables ``fused`` (``dense`` under data_parallel) and the sharded module
+      reroutes them.
     """
 
     def __init__(self, fused_params: Optional[Dict[str, Any]] = None, *, offer_customized_kernel: bool = False,
-                 offer_data_parallel: bool = False, **kwargs: Any) -> None:
+                 offer_data_parallel: bool = True, **kwargs: Any) -> None:
         super().__init__(fused_params=fused_params, **kwargs)
         self._offer_customized_kernel = offer_customized_kernel
         self._offer_data_parallel = offer_data_parallel
@@ -208,7 +266,7 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         kernels = super().compute_kernels(sharding_type, compute_device_type)
-        if self._offer_customized_kernel and sharding_type != ShardingType.DATA_PARALLEL.value:
+        if self._offer_customized_kernel:
             kernels.append(CUSTOMIZED)
         return kernels
 
@@ -225,7 +283,7 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return ShardedAdaptiveEmbeddingBagCollection
 
 
-def sharders(*, offer_customized_kernel: bool = False, offer_data_parallel: bool = False
+def sharders(*, offer_customized_kernel: bool = False, offer_data_parallel: bool = True
              ) -> List[ModuleSharder[nn.Module]]:
     """Our EBC sharder plus TorchRec's default sharders for every other module type."""
     ours = AdaptiveEmbeddingBagCollectionSharder(offer_customized_kernel=offer_customized_kernel,

@@ -11,6 +11,10 @@ tables that share compute kernel, pooling and fused params; for
 ``BatchedFusedEmbeddingBag`` (a ``BaseBatchedEmbeddingBag`` + ``FusedOptimizerModule``)
 so that the rest of TorchRec (state_dict as ShardedTensors, ``fused_optimizer``,
 ``named_parameters_by_table``) treats it the same way as FBGEMM's TBE.
+
+A data-parallel group (``sharding_type=DATA_PARALLEL``) is one replica of whole
+tables: its kernel gathers every replica's batch in backward (``replicated.py``), and
+its fused optimizer is :class:`ReplicatedFusedOptimizer` (plain tensors, no shards).
 """
 
 from __future__ import annotations
@@ -28,13 +32,14 @@ from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_configs import DataType
-from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
+from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
 from ..kernels.batched import BatchedAdaptiveEmbeddingBag
 from ..kernels.layout import TableSpec
 from ..rules.configs import RuleConfig
+from .replicated import DataParallelReplicas
 
 # Key under which the sharded module passes each table's RuleConfig to the kernel,
 # inside TorchRec's per-table ``fused_params`` (see embeddingbag.py).
@@ -120,6 +125,46 @@ class AdaptiveFusedOptimizer(EmbeddingFusedOptimizer):
         self._adaptive_module.set_optimizer_step(step)
 
 
+class ReplicatedFusedOptimizer(FusedOptimizer):
+    """The fused optimizer of a data-parallel group: same keys and names as
+    :class:`AdaptiveFusedOptimizer`, but plain tensors.
+
+    TorchRec's ``EmbeddingFusedOptimizer`` builds ShardedTensors from each table's shard
+    metadata, which data-parallel tables do not have (it asserts). Every replica holds
+    the whole table and its whole state, so ``state_dict`` holds them as they are, like
+    TorchRec's own data-parallel weights (DCP writes a replicated tensor once).
+    """
+
+    def __init__(self, config: GroupedEmbeddingConfig, emb_module: BatchedAdaptiveEmbeddingBag,
+                 create_for_table: Optional[str] = None, param_weight_for_table: Optional[torch.Tensor] = None) -> None:
+        self._adaptive_module = emb_module
+        params: Dict[str, torch.Tensor] = {}
+        state: Dict[Any, Any] = {}
+        for t, weight, slots in zip(config.embedding_tables, emb_module.split_embedding_weights(),
+                                    emb_module.get_optimizer_state()):
+            if create_for_table is not None and t.name != create_for_table:
+                continue
+            if create_for_table is not None:
+                assert param_weight_for_table is not None, "create_for_table needs param_weight_for_table"
+                weight, key = param_weight_for_table, ""
+            else:
+                key = f"{t.name}.weight"
+            params[key] = weight
+            # The step entry first, as in AdaptiveFusedOptimizer (foreign state is refused before any copy).
+            state[weight] = {f"{t.name}.{STEP_SLOT}": OptimizerStep(emb_module, t.name),
+                             **{f"{t.name}.{slot}": value for slot, value in slots.items()}}
+        super().__init__(params, state, [{"params": list(params.values()), "lr": emb_module.get_learning_rate()}])
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        self._adaptive_module.set_learning_rate(self.param_groups[0]["lr"])
+
+    def step(self, closure: Any = None) -> None:
+        self._adaptive_module.set_learning_rate(self.param_groups[0]["lr"])
+
+    def set_optimizer_step(self, step: int) -> None:
+        self._adaptive_module.set_optimizer_step(step)
+
+
 def _pooling(mode: PoolingMode) -> str:
     if mode == PoolingMode.SUM:
         return "sum"
@@ -135,6 +180,7 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
     exposed per table as ``TableBatchedEmbeddingSlice`` parameters whose
     ``_in_backward_optimizers`` is a per-table view of the fused optimizer (how
     TorchRec marks "updated in backward, keep away from dense optimizers and DDP").
+    Under ``DATA_PARALLEL`` the group is one replica (see the module docstring).
     """
 
     def __init__(self, config: GroupedEmbeddingConfig, pg: Optional[dist.ProcessGroup] = None,
@@ -161,14 +207,25 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
             specs, rule_of(config), feature_table_map=self._feature_table_map,
             pooling=_pooling(self._pooling), device=device,
         )
-        self._optim: AdaptiveFusedOptimizer = AdaptiveFusedOptimizer(config, self._emb_module, pg)
+        if sharding_type == ShardingType.DATA_PARALLEL:
+            self._emb_module.replicas = DataParallelReplicas(pg)
+        self._optim = self._fused_optimizer_for()
+
+    def _fused_optimizer_for(self, table: Optional[str] = None, weight: Optional[torch.Tensor] = None
+                             ) -> FusedOptimizer:
+        """The whole group's fused optimizer, or one table's view of it (``table``, ``weight``)."""
+        if self._emb_module.replicas is not None:
+            return ReplicatedFusedOptimizer(self._config, self._emb_module, create_for_table=table,
+                                            param_weight_for_table=weight)
+        return AdaptiveFusedOptimizer(self._config, self._emb_module, self._pg, create_for_table=table,
+                                      param_weight_for_table=weight)
 
     @property
     def emb_module(self) -> BatchedAdaptiveEmbeddingBag:  # type: ignore[override]
         return self._emb_module
 
     @property
-    def fused_optimizer(self) -> AdaptiveFusedOptimizer:
+    def fused_optimizer(self) -> FusedOptimizer:
         return self._optim
 
     def forward(self, features: KeyedJaggedTensor, vbe_output: Optional[torch.Tensor] = None,  # type: ignore[override]
@@ -196,10 +253,7 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
                 end += lay.tables[i].num_rows * lay.tables[i].dim
             weight = TableBatchedEmbeddingSlice(data=flat, start_offset=start, end_offset=end,
                                                 num_embeddings=-1, embedding_dim=lay.tables[idx[0]].dim)
-            weight._in_backward_optimizers = [  # type: ignore[attr-defined]
-                AdaptiveFusedOptimizer(self._config, self._emb_module, self._pg,
-                                       create_for_table=name, param_weight_for_table=weight)
-            ]
+            weight._in_backward_optimizers = [self._fused_optimizer_for(name, weight)]  # type: ignore[attr-defined]
             out[name] = weight
         return out
 
@@ -241,5 +295,6 @@ __all__ = [
     "AdaptiveBatchedEmbeddingBag",
     "AdaptiveFusedOptimizer",
     "AdaptiveGroupedPooledEmbeddingsLookup",
+    "ReplicatedFusedOptimizer",
     "rule_of",
 ]

@@ -9,7 +9,9 @@ of the weights for any optimizer class it does not know (``_get_optimizer_multip
 :class:`AdaptiveKernelEstimator` costs our kernel as TorchRec's ``fused`` one, then
 corrects both estimates for our tables: storage from the rule's declared state slots
 (:func:`optimizer_state_bytes`), compute time from our kernel's measured bandwidth
-(:func:`compute_time_factor`). The plain route needs none of this:
+(:func:`compute_time_factor`), and, for data_parallel, the backward TorchRec costs as
+DDP's all-reduce of the whole table, which our replicas replace by an all-gather of
+the batch (:func:`data_parallel_gather_bytes`). The plain route needs none of this:
 ``DistributedModelParallel(model, sharders=sharders())`` plans our tables ``fused``
 and the sharded module reroutes them; use the helpers to get a plan that names
 ``customized_kernel`` explicitly, e.g. to constrain or print it.
@@ -31,7 +33,7 @@ from torchrec.distributed.planner.shard_estimators import (
     EmbeddingStorageEstimator,
     _calculate_optimizer_sizes,
 )
-from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption
+from torchrec.distributed.planner.types import CollectiveType, ParameterConstraints, ShardEstimator, ShardingOption
 from torchrec.distributed.planner.types import SharderDataMap
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -42,8 +44,9 @@ from .embeddingbag import adaptive_table_names, sharders
 
 CUSTOMIZED = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
 FUSED = EmbeddingComputeKernel.FUSED.value
+DATA_PARALLEL = ShardingType.DATA_PARALLEL.value
 # Sharding types our tables cannot take (see AdaptiveEmbeddingBagCollectionSharder).
-_NOT_FOR_OURS = {ShardingType.DATA_PARALLEL.value, ShardingType.GRID_SHARD.value}
+_NOT_FOR_OURS = {ShardingType.GRID_SHARD.value}
 
 
 def adaptive_constraints(model: nn.Module, constraints: Optional[Dict[str, ParameterConstraints]] = None
@@ -51,7 +54,9 @@ def adaptive_constraints(model: nn.Module, constraints: Optional[Dict[str, Param
     """Constraints with our tables on ``customized_kernel`` and all other tables off it.
 
     User constraints are kept (pooling factors, ...); ``compute_kernels`` is set, and
-    our tables' ``sharding_types`` lose data_parallel and grid_shard.
+    our tables' ``sharding_types`` lose grid_shard (data_parallel stays: our kernel runs
+    replicated, ``replicated.py``). Other tables keep TorchRec's kernels (``dense`` is
+    the only one TorchRec runs under data_parallel).
     """
     out = dict(constraints or {})
     ours_types = [t.value for t in ShardingType if t.value not in _NOT_FOR_OURS]
@@ -145,9 +150,31 @@ def _rule_of_option(so: ShardingOption) -> Optional[RuleConfig]:
     return config_from_optimizer(classes[0], kwargs)
 
 
+def data_parallel_gather_bytes(dim: int, batch_size: int, input_lengths: List[float],
+                               num_poolings: Optional[List[float]], world_size: int, weighted: bool = False) -> int:
+    """Bytes one data-parallel replica of our kernel receives per backward (``replicated.py``).
+
+    Each other replica sends its bags' output gradients (fp32, ``dim`` per bag), its
+    lookup ids and bag lengths (int64) and, for weighted features, the weights (fp32);
+    ``batch_size`` is per rank, as in TorchRec's estimators. Padding is not counted.
+    """
+    poolings = num_poolings or [1.0] * len(input_lengths)
+    bags = batch_size * sum(poolings)
+    lookups = batch_size * sum(n * p for n, p in zip(input_lengths, poolings))
+    per_rank = bags * (dim * 4 + 8) + lookups * (8 + (4 if weighted else 0))
+    return math.ceil((world_size - 1) * per_rank)
+
+
 class AdaptiveKernelEstimator(ShardEstimator):
     """Runs TorchRec's estimators, costing ``customized_kernel`` options as ``fused``,
-    then corrects our options' storage (our optimizer state) and compute time (measured)."""
+    then corrects our options' storage (our optimizer state) and compute time (measured).
+
+    Data-parallel options: TorchRec already counts the whole table and its state on
+    every rank (storage is replicated; our state correction applies per replica). Its
+    backward is DDP's (all-reduce of the whole table gradient plus a dense optimizer
+    pass over it); ours all-gathers the batch and updates the global batch's rows on
+    every replica, so ``bwd_comms`` becomes the all-gather time and ``bwd_compute`` is
+    TorchRec's local-batch backward times the world size."""
 
     def __init__(self, topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None,
                  estimators: Optional[List[ShardEstimator]] = None) -> None:
@@ -174,6 +201,7 @@ class AdaptiveKernelEstimator(ShardEstimator):
         device = self._topology.compute_device
         pooling = sum(so.input_lengths) / max(len(so.input_lengths), 1)
         factor = compute_time_factor(rule, pooling, device)
+        world = self._topology.world_size
         shape = so.tensor.shape
         table_bytes = so.tensor.numel() * so.tensor.element_size()
         for shard in so.shards:
@@ -190,6 +218,19 @@ class AdaptiveKernelEstimator(ShardEstimator):
             if shard.perf is not None and factor != 1.0:
                 shard.perf = dataclasses.replace(shard.perf, fwd_compute=shard.perf.fwd_compute * factor,
                                                  bwd_compute=shard.perf.bwd_compute * factor)
+            if shard.perf is not None and so.sharding_type == DATA_PARALLEL:
+                shard.perf = dataclasses.replace(shard.perf, bwd_compute=shard.perf.bwd_compute * world,
+                                                 bwd_comms=self._gather_ms(so, shape[1]))
+
+    def _gather_ms(self, so: ShardingOption, dim: int) -> float:
+        """The all-gather of a data-parallel backward, at the topology's all-gather bandwidth (bytes/ms)."""
+        topology = self._topology
+        received = data_parallel_gather_bytes(dim, so.batch_size, so.input_lengths, so.num_poolings,
+                                              topology.world_size, bool(so.is_weighted))
+        bw = topology.comms_bandwidths.get_bw(local_world_size=topology.local_world_size,
+                                              world_size=topology.world_size,
+                                              collective_type=CollectiveType.ALL_GATHER)
+        return received / bw if bw > 0 else 0.0
 
 
 def adaptive_planner(model: nn.Module, topology: Topology, *, batch_size: int = 512,

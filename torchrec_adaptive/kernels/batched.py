@@ -14,6 +14,12 @@ sum of the gradients of the bags that contain r). After sorting the lookups by
 row, one ``embedding_bag`` call on the output gradient computes all of them, so
 no dense table gradient and no per-lookup ``[L, D]`` tensor is ever built.
 Everything is device-agnostic torch ops: the same code runs on CPU and CUDA.
+
+Data-parallel replicas (``replicas``): each replica looks up its own batch, and its
+backward swaps its share of the batch for every replica's (what the update reads:
+lookups and bag gradients, see :class:`ReplicaSync`) before updating, so every
+replica applies the update of the global batch. The kernel only calls the hook;
+``torchrec_adaptive.distributed.replicated`` implements it with torch.distributed.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +49,7 @@ _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the l
 
 
 @dataclass
-class _GroupLookups:
+class GroupLookups:
     """One dim-group's share of a batch, kept from forward for the fused backward."""
 
     indices: Tensor  # [L_g] int64, rows relative to the group's block
@@ -52,9 +58,33 @@ class _GroupLookups:
     per_sample_weights: Tensor | None
 
 
+@dataclass
+class GroupBatch:
+    """All the fused update reads of one dim-group's batch: its lookups and each bag's
+    pooled-output gradient (``bag_grads[i]`` belongs to the i-th bag of ``lookups``)."""
+
+    lookups: GroupLookups
+    bag_grads: Tensor  # [bags, D]
+
+
+class ReplicaSync(Protocol):
+    """The data-parallel replicas of one kernel (same tables, same layout, one per rank).
+
+    ``gather`` is called in every replica's backward (so it may be collective) with this
+    replica's batch per dim group and whether its output gradient is non-finite; it
+    returns the global batch per dim group (identical on every replica, so the replicas
+    stay identical) and the indices of the replicas whose gradient is non-finite.
+    ``index`` is this replica's; statistics count replica 0 only.
+    """
+
+    index: int
+
+    def gather(self, batches: list[GroupBatch], nonfinite: bool) -> tuple[list[GroupBatch], list[int]]: ...
+
+
 def _batch_major(
     rows: Tensor, offsets: Tensor, bag_lengths: Tensor, psw: Tensor | None, num_features: int, batch_size: int
-) -> _GroupLookups:
+) -> GroupLookups:
     """Reorders KJT's feature-major bags (f, b) to batch-major (b, f).
 
     Then the pooled output [B * F, D] *is* the [B, F * D] result and the output
@@ -67,12 +97,12 @@ def _batch_major(
     torch.cumsum(lengths, 0, out=new_offsets[1:])
     shift = torch.repeat_interleave(offsets[:-1][order] - offsets[0] - new_offsets[:-1], lengths, output_size=rows.numel())
     perm = shift + torch.arange(rows.numel(), device=rows.device)
-    return _GroupLookups(rows[perm], new_offsets, lengths, psw[perm] if psw is not None else None)
+    return GroupLookups(rows[perm], new_offsets, lengths, psw[perm] if psw is not None else None)
 
 
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, weights: Tensor, module: "BatchedAdaptiveEmbeddingBag", lookups: list[_GroupLookups], batch_size: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, weights: Tensor, module: "BatchedAdaptiveEmbeddingBag", lookups: list[GroupLookups], batch_size: int) -> Tensor:  # type: ignore[override]
         ctx.module, ctx.lookups, ctx.batch_size = module, lookups, batch_size
         return module._pooled_forward(lookups, batch_size)
 
@@ -173,6 +203,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         self._perturbed: list[SavedRows] = []
         self._fused = fused_cpu.fused_for(self.chain, device, self.weights.dtype) if fused else None
         self._fal = next((t for t in self.chain.transforms if isinstance(t, scale_by_row_frequency)), None)
+        self.replicas: ReplicaSync | None = None  # set for data-parallel replicas (see the module docstring)
 
     # ------------------------------------------------------------------ views
     def _slot_buffer(self, name: str) -> Tensor:
@@ -315,10 +346,10 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 lengths = bag_lengths.view(num_features, batch_size)[list(grp.features)].reshape(-1)
                 offs = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=indices.device)
                 torch.cumsum(lengths, 0, out=offs[1:])
-                lookups.append(_GroupLookups(block_rows[mask], offs, lengths, psw[mask] if psw is not None else None))
+                lookups.append(GroupLookups(block_rows[mask], offs, lengths, psw[mask] if psw is not None else None))
         return _FusedLookup.apply(self.weights, self, lookups, batch_size)
 
-    def _pooled_forward(self, lookups: list[_GroupLookups], batch_size: int) -> Tensor:
+    def _pooled_forward(self, lookups: list[GroupLookups], batch_size: int) -> Tensor:
         lay = self.layout
         if len(lay.groups) == 1:  # bags are batch-major: the output needs no transpose
             w, _ = self._group_views(lay.groups[0])
@@ -333,7 +364,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 pieces[f] = out[j]
         return torch.cat(pieces, dim=1)
 
-    def _embedding_bag(self, weight: Tensor, lk: _GroupLookups) -> Tensor:
+    def _embedding_bag(self, weight: Tensor, lk: GroupLookups) -> Tensor:
         return F.embedding_bag(
             lk.indices, weight, lk.offsets, mode=self.pooling,
             per_sample_weights=lk.per_sample_weights, include_last_offset=True,
@@ -341,26 +372,26 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
 
     # --------------------------------------------------------------- backward
     @torch.no_grad()
-    def _fused_backward(self, lookups: list[_GroupLookups], batch_size: int, grad_output: Tensor) -> None:
+    def _fused_backward(self, lookups: list[GroupLookups], batch_size: int, grad_output: Tensor) -> None:
         lay = self.layout
-        bad = nonfinite_features(lay, grad_output, self._feature_cols)
+        batches, bad = self._backward_batches(lookups, batch_size, grad_output)
         if bad:
-            msg = f"non-finite gradient for {', '.join(bad)}"
+            msg = f"non-finite gradient for {bad}"
             if self.nonfinite == "raise":
                 raise FloatingPointError(msg + "; the update was refused, weights and optimizer state are unchanged")
             warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=2)
             return
         if self._capture_next:
-            self._capture(lookups, batch_size, grad_output)
+            self._capture(batches)
             return
         self.restore_perturbation()
         step = self.optimizer_step + 1
         if self._fal is not None and self._fal.tau_is_ratio and (step - 1) % self.rule.fal.tau_refresh_steps == 0:  # type: ignore[union-attr]
             self.refresh_row_statistics()
-        for g, lk in zip(lay.groups, lookups):
-            if not g.features or lk.indices.numel() == 0:
+        for g, batch in zip(lay.groups, batches):
+            if not g.features or batch.lookups.indices.numel() == 0:
                 continue
-            rows, occurrences, grad = self._sorted_lookups(lk, self._bag_grads(g, grad_output, batch_size))
+            rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
             w, state = self._group_views(g)
             lr, table = self._row_learning_rates(g, rows)
             if self._fused is not None:
@@ -371,6 +402,22 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
 
+    def _backward_batches(self, lookups: list[GroupLookups], batch_size: int,
+                          grad_output: Tensor) -> tuple[list[GroupBatch], str]:
+        """Each dim group's batch with its bags' output gradients, and what is non-finite
+        ("" if nothing). A data-parallel replica gets every replica's batch here, and
+        learns whether any replica's gradient is non-finite, so all of them apply (or
+        refuse) the same update."""
+        bad = nonfinite_features(self.layout, grad_output, self._feature_cols)
+        batches = [GroupBatch(lk, self._bag_grads(g, grad_output, batch_size))
+                   for g, lk in zip(self.layout.groups, lookups)]
+        if self.replicas is None:
+            return batches, ", ".join(bad)
+        batches, bad_replicas = self.replicas.gather(batches, bool(bad))
+        others = [r for r in bad_replicas if r != self.replicas.index]
+        what = ([", ".join(bad)] if bad else []) + ([f"data-parallel replica(s) {others}"] if others else [])
+        return batches, " and ".join(what)
+
     # ------------------------------------------------------ Helen (sharpness)
     def capture_next_backward(self) -> None:
         """The next backward records the touched rows' gradients and updates nothing
@@ -378,13 +425,13 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         self._capture_next = True
         self.captured = []
 
-    def _capture(self, lookups: list[_GroupLookups], batch_size: int, grad_output: Tensor) -> None:
+    def _capture(self, batches: list[GroupBatch]) -> None:
         self._capture_next = False
         counts = self._slot_buffer("row_count")
-        for gi, (g, lk) in enumerate(zip(self.layout.groups, lookups)):
-            if not g.features or lk.indices.numel() == 0:
+        for gi, (g, batch) in enumerate(zip(self.layout.groups, batches)):
+            if not g.features or batch.lookups.indices.numel() == 0:
                 continue
-            rows, occurrences, grad = self._sorted_lookups(lk, self._bag_grads(g, grad_output, batch_size))
+            rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
             starts = torch.tensor(g.table_row_starts, device=rows.device)
             table = torch.tensor(g.tables, device=rows.device)[torch.searchsorted(starts, rows, right=True) - 1]
             c = counts[g.row_start : g.row_start + g.num_rows][rows] + occurrences
@@ -426,12 +473,14 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def _bag_grads(self, g: DimGroup, grad_output: Tensor, batch_size: int) -> Tensor:
         """The output gradient of each bag of this group, as a [bags, D] matrix in the
         order of the group's bags (batch-major for one group: a view, no copy)."""
+        if not g.features:
+            return grad_output.new_zeros(0, g.dim)
         if len(self.layout.groups) == 1:
             return grad_output.contiguous().view(-1, g.dim)
         cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
         return torch.stack(cols, dim=0).reshape(-1, g.dim)
 
-    def _sorted_lookups(self, lk: _GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, LookupGrad]:
+    def _sorted_lookups(self, lk: GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, LookupGrad]:
         """Unique rows, their occurrence counts, and their lookups grouped by row
         (see the module docstring: a row's gradient is a bag over output gradients)."""
         sorted_rows, perm = torch.sort(lk.indices)
