@@ -3,17 +3,28 @@
 Run from the project root (``.torchxconfig`` makes ``local_cwd`` the default
 scheduler and keeps logs under ``runs/torchx``)::
 
-    PATH=$PWD/.venv/bin:$PATH torchx run launch/components.py:demo
+    PATH=$PWD/.venv/bin:$PATH torchx run launch/components.py:study      # the README's main job
+    PATH=$PWD/.venv/bin:$PATH torchx run launch/components.py:dlrm --config configs/synthetic/adamar.yaml
+    PATH=$PWD/.venv/bin:$PATH torchx run launch/components.py:demo       # the 2-line integration example
 
 ``local_cwd`` starts ``torchrun`` from the caller's PATH, not from the venv
 torchx was installed in, hence the PATH prefix (``scripts/demo.sh`` does it).
 On slurm or kubernetes, pass ``-s slurm``/``-s kubernetes`` and ``-j NODESxPROCS``
 (plus an ``image`` with this project installed for kubernetes); the component
-is the same.
+is the same, e.g.::
+
+    torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8 --config configs/criteo/adamar.yaml \
+        --out /shared/runs/adamar
+    torchx run -s kubernetes -cfg queue=default launch/components.py:dlrm -j 4x8 --gpu 8 \
+        --image registry/torchrec-adaptive:latest --config configs/criteo/adamar.yaml
+
+A rank that raises makes the job fail: ``main`` is wrapped in torchelastic's ``@record``,
+so torchx's status names the failed rank and its exception, and ``torchx run --wait``
+exits non-zero.
 """
 
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.components.dist import torchrun
@@ -45,3 +56,75 @@ def demo(
         memMB=4096,
         env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})},
     )
+
+
+def _env(env: Optional[Dict[str, str]], gpu: int) -> Dict[str, str]:
+    # On CPU each rank gets one thread: 2 ranks on 2 cores, no oversubscription.
+    base = {"PYTHONUNBUFFERED": "1"} if gpu else {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**base, **(env or {})}
+
+
+def dlrm(
+    *overrides: str,
+    config: str = "configs/synthetic/adamar.yaml",
+    out: str = "",
+    resume: bool = False,
+    j: str = "1x2",
+    gpu: int = 0,
+    image: str = "torchrec-adaptive",
+    env: Optional[Dict[str, str]] = None,
+) -> specs.AppDef:
+    """Trains and evaluates one DLRM config (torchrec_adaptive.apps.dlrm.train).
+
+    Args:
+        overrides: config overrides KEY=VALUE, e.g. train.epochs=2 sparse_optimizer.kwargs.alpha=1e-3
+        config: a YAML file under configs/
+        out: run directory (default runs/<config name>)
+        resume: continue after the newest checkpoint in the run directory
+        j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
+        gpu: GPUs per node (0: CPU and gloo)
+        image: container image for docker/kubernetes schedulers (unused by local_cwd)
+        env: extra environment variables
+    """
+    args: List[str] = ["--config", config]
+    for o in overrides:
+        args += ["--set", o]
+    if out:
+        args += ["--out", out]
+    if resume:
+        args.append("--resume")
+    return torchrun(*args, m="torchrec_adaptive.apps.dlrm.train", image=image, name="torchrec_adaptive/dlrm",
+                    j=j, cpu=1, gpu=gpu, memMB=8192, env=_env(env, gpu))
+
+
+def study(
+    *overrides: str,
+    configs: str = "configs/synthetic/adam.yaml,configs/synthetic/adamar.yaml,configs/synthetic/fal.yaml,"
+                   "configs/synthetic/meda.yaml",
+    out: str = "runs/study",
+    resume: bool = False,
+    j: str = "1x2",
+    gpu: int = 0,
+    image: str = "torchrec-adaptive",
+    env: Optional[Dict[str, str]] = None,
+) -> specs.AppDef:
+    """Trains several configs one after another in the same ranks, then prints the per-epoch
+    AUC table and writes the plot (torchrec_adaptive.apps.dlrm.study).
+
+    Args:
+        overrides: config overrides KEY=VALUE applied to every run
+        configs: comma-separated YAML files
+        out: study directory (one subdirectory per run, summary.md, auc_by_epoch.png)
+        resume: skip complete runs, continue an interrupted one from its checkpoint
+        j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
+        gpu: GPUs per node (0: CPU and gloo)
+        image: container image for docker/kubernetes schedulers (unused by local_cwd)
+        env: extra environment variables
+    """
+    args: List[str] = ["--configs", *[c for c in configs.split(",") if c], "--out", out]
+    for o in overrides:
+        args += ["--set", o]
+    if resume:
+        args.append("--resume")
+    return torchrun(*args, m="torchrec_adaptive.apps.dlrm.study", image=image, name="torchrec_adaptive/study",
+                    j=j, cpu=1, gpu=gpu, memMB=8192, env=_env(env, gpu))

@@ -278,3 +278,19 @@ def test_module_config_errors() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         MLET["a"].inner_dim = 9  # type: ignore[misc]
     module(mlet={"a": MLETConfig(inner_dim=2, allow_narrow=True)})  # allowed when asked for
+
+
+def test_v_built_on_meta_gets_its_gaussian_init_when_materialized():
+    """DMP allocates meta parameters with empty_like and calls their module's reset_parameters
+    (torchrec DistributedModelParallel._init_parameters); V must not keep the raw allocation."""
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    big = {"a": MLETConfig(inner_dim=400), "b": MLETConfig(inner_dim=300, v_init_std=0.25)}
+    m = module(mlet=big, device=torch.device("meta"))
+    assert all(v.device.type == "meta" for v in m.v.values())
+    fake = type("FakeDMP", (), {"device": torch.device("cpu")})()
+    DistributedModelParallel._init_parameters(fake, m)  # the very function DMP runs on unsharded modules
+    for name, std in (("a", 0.5), ("b", 0.25)):
+        v = m.v[name]
+        assert v.device.type == "cpu" and torch.isfinite(v).all()
+        assert abs(float(v.std()) - std) < 0.05 * std and abs(float(v.mean())) < 0.05

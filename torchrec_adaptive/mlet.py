@@ -90,6 +90,23 @@ def _inner_config(cfg: EmbeddingBagConfig, mlet: MLETConfig) -> EmbeddingBagConf
     return _copy_config(cfg, embedding_dim=k, weight_init_min=-bound, weight_init_max=bound, init_fn=None)
 
 
+class _Projections(nn.ParameterDict):
+    """The V_t, with a ``reset_parameters`` so that a module built on ``meta`` gets its
+    Gaussian init when DistributedModelParallel materializes it (DMP allocates meta
+    parameters with ``empty_like`` and then calls ``reset_parameters`` of their module;
+    without it V would keep whatever the allocation held)."""
+
+    def __init__(self, stds: Dict[str, float]) -> None:
+        super().__init__()
+        self._stds = dict(stds)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for name, v in self.items():
+            if v.device.type != "meta":
+                nn.init.normal_(v, 0.0, self._stds[name])
+
+
 class MLETEmbeddingBagCollection(nn.Module):
     """An ``EmbeddingBagCollection`` whose selected tables are trained as ``W_t V_t``.
 
@@ -164,12 +181,13 @@ class MLETEmbeddingBagCollection(nn.Module):
             self._mlet[cfg.name] = m
             inner_tables.append(_inner_config(cfg, m))
         self.inner = EmbeddingBagCollection(tables=inner_tables, is_weighted=is_weighted, device=device)
-        self.v = nn.ParameterDict()
+        self.v = _Projections({cfg.name: self._mlet[cfg.name].v_init_std for cfg in self._configs
+                               if cfg.name in self._mlet})
         for cfg in self._configs:
             m = self._mlet.get(cfg.name)
             if m is not None:
-                v = torch.empty(m.inner_dim, cfg.embedding_dim, device=self.inner.device)
-                self.v[cfg.name] = nn.Parameter(nn.init.normal_(v, 0.0, m.v_init_std))
+                self.v[cfg.name] = nn.Parameter(torch.empty(m.inner_dim, cfg.embedding_dim, device=self.inner.device))
+        self.v.reset_parameters()
         self._is_weighted = is_weighted
         self._table_of_key: Dict[str, str] = {f: cfg.name for cfg in self._configs for f in cfg.feature_names}
         self._dim_of_key: Dict[str, int] = {f: cfg.embedding_dim for cfg in self._configs for f in cfg.feature_names}
