@@ -3,7 +3,8 @@
 One study launch trains every method (plus DCN, TorchRec's TrainPipelineSparseDist, and
 the Criteo, Avazu and generic-tabular readers on the real samples) for 2 tiny epochs;
 then a run split by a checkpoint and ``--resume`` must equal the uninterrupted run, and
-a failing job must fail through torchx with the error and the rank named.
+a failing job must fail through torchx with the error and the rank named, and a rank
+killed mid-training must fail the job with that rank named.
 """
 
 from __future__ import annotations
@@ -136,3 +137,46 @@ def test_a_failing_rank_fails_the_torchx_job_with_its_error(tmp_path):
     assert proc.returncode != 0, text[-3000:]
     assert "no_such_day.tsv" in text and "FAILED" in text
     assert "rank" in text.lower()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids += [int(k) for k in text]
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def test_a_rank_killed_mid_training_fails_the_job_naming_it(study, tmp_path):
+    import signal
+    import time
+
+    base, _, _ = study
+    out = tmp_path / "killed"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "torchrec_adaptive.apps.dlrm.train",
+           "--config", str(base / "adam.yaml"), "--out", str(out), "--set", "train.epochs=50"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists():  # rank 0 writes it after epoch 1: both ranks are training
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before epoch 1"
+            time.sleep(0.5)
+        victim = next(p for p in _children(proc.pid) if _rank_of(p) == 1)
+        os.kill(victim, signal.SIGKILL)
+        text, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "rank" in text and ": 1 (local_rank: 1)" in text and "SIGKILL" in text, text[-3000:]
