@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -72,36 +71,11 @@ def main(argv: List[str] | None = None) -> int:
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
-    import torch.multiprocessing as mp
+    from ranks import run_ranks  # benchmarks/ranks.py (this script's directory is on sys.path)
 
     os.environ.update(MALLOC_ENV)  # read by glibc when the workers start
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    wargs = {"steps": args.steps, "rounds": args.rounds, "stock": args.stock}
-    procs = [ctx.Process(target=_worker, args=(r, port, wargs, q)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    import queue
-
-    reports = {}
-    try:
-        while len(reports) < WORLD:
-            try:
-                rank, rates = q.get(timeout=5)
-                reports[rank] = rates
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise SystemExit(f"rank(s) {dead} died (exit codes {[procs[r].exitcode for r in dead]}); "
-                                     "see their traceback above")
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    reports = {r: rep[0] for r, rep in run_ranks(_worker, {"steps": args.steps, "rounds": args.rounds,
+                                                            "stock": args.stock}, world=WORLD).items()}
     names = list(reports[0])
     # each rank's rate covers the same barrier-to-barrier interval: they agree; take rank 0's
     med = {n: statistics.median(reports[0][n]) for n in names}

@@ -171,31 +171,12 @@ def main(argv: List[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shape = Shape(rows=10_000, dim=16, batch_per_rank=256) if args.quick else Shape()
 
-    import socket
-
-    import torch.multiprocessing as mp
+    from ranks import run_ranks  # benchmarks/ranks.py (this script's directory is on sys.path)
 
     if not args.no_malloc_env:
         os.environ.update(MALLOC_ENV)  # inherited by the spawned workers, read by glibc at their start
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     wargs = {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup}
-    procs = [ctx.Process(target=_worker, args=(r, port, shape, wargs, q)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    reports = {}
-    try:
-        for _ in range(WORLD):
-            rank, times, env, kernels = q.get(timeout=1800)
-            reports[rank] = (times, env, kernels)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
+    reports = run_ranks(_worker, shape, wargs, world=WORLD)  # rank -> (times, env, kernels)
     # A step ends for both ranks at the closing barrier: take the slower rank per round.
     per_case = [[max(reports[r][0][i][k] for r in range(WORLD)) for k in range(args.rounds)] for i in range(len(CASES))]
     global_batch = WORLD * shape.batch_per_rank

@@ -23,7 +23,7 @@ rows x shards), so they load only into the same column split.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -34,14 +34,20 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT
 
 
-def state_dict(model: nn.Module) -> Dict[str, Any]:
-    """What :func:`save` writes: ``{"model": model.state_dict(), "optim": fused optimizer state}``."""
-    return {"model": model.state_dict(), "optim": model.fused_optimizer.state_dict()}  # type: ignore[operator,union-attr]
+def state_dict(model: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """What :func:`save` writes: ``{"model": model.state_dict(), "optim": fused optimizer state}``,
+    plus each ``extra`` entry: an object's ``state_dict()`` (a dense optimizer) or a plain dict."""
+    state = {"model": model.state_dict(), "optim": model.fused_optimizer.state_dict()}  # type: ignore[operator,union-attr]
+    for key, value in (extra or {}).items():
+        state[key] = value.state_dict() if hasattr(value, "state_dict") else value
+    return state
 
 
-def save(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None) -> None:
-    """Collective DCP save of the model's weights and fused optimizer state (incl. each table's step k)."""
-    dcp.save(state_dict(model), checkpoint_id=checkpoint_id, process_group=process_group)
+def save(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None,
+         extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Collective DCP save of the model's weights and fused optimizer state (incl. each table's step k),
+    and of ``extra`` (see :func:`state_dict`)."""
+    dcp.save(state_dict(model, extra), checkpoint_id=checkpoint_id, process_group=process_group)
 
 
 def _flatten(obj: Any, prefix: str, out: Dict[str, Any]) -> Dict[str, Any]:
@@ -146,12 +152,20 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
     return state
 
 
-def load(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None) -> None:
-    """Collective: :func:`check`, then load weights and fused optimizer state (any plan, any world size)."""
-    state = check(model, checkpoint_id, process_group)
+def load(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None,
+         extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Collective: :func:`check` (``extra`` included), then load weights and fused optimizer state
+    (any plan, any world size) and ``extra``: objects get ``load_state_dict``, plain dicts are
+    filled in place. Returns what was loaded. DCP loads in place, so an ``extra`` object's state
+    must already exist (a torch optimizer: ``KeyedOptimizer.init_state()`` first)."""
+    state = check(model, checkpoint_id, process_group, state=state_dict(model, extra))
     dcp.load(state, checkpoint_id=checkpoint_id, process_group=process_group)
     model.load_state_dict(state["model"])
     model.fused_optimizer.load_state_dict(state["optim"])  # type: ignore[operator,union-attr]
+    for key, value in (extra or {}).items():
+        if hasattr(value, "load_state_dict"):
+            value.load_state_dict(state[key])
+    return state
 
 
 __all__ = ["check", "load", "save", "state_dict"]

@@ -58,15 +58,6 @@ def _progress(it: Iterator[Any], total: int, desc: str) -> Iterator[Any]:
                      dynamic_ncols=True))
 
 
-def _checkpoint_state(model: Any, dense_opt: Any, epoch: int) -> dict[str, Any]:
-    from ...distributed.checkpoint import state_dict
-
-    state = state_dict(model)
-    state["dense_optim"] = dense_opt.state_dict()
-    state["app"] = {"epoch": torch.tensor(epoch)}
-    return state
-
-
 def latest_checkpoint(out: Path) -> Optional[tuple[int, Path]]:
     """The newest complete checkpoint (DCP writes ``.metadata`` last, after every rank's shards)."""
     done = []
@@ -76,29 +67,27 @@ def latest_checkpoint(out: Path) -> Optional[tuple[int, Path]]:
     return max(done) if done else None
 
 
+def _extra(dense_opt: Any, epoch: int) -> dict[str, Any]:
+    """What a checkpoint holds besides the model and its fused optimizer."""
+    return {"dense_optim": dense_opt, "app": {"epoch": torch.tensor(epoch)}}
+
+
 def save_checkpoint(out: Path, model: Any, dense_opt: Any, epoch: int) -> None:
-    import torch.distributed.checkpoint as dcp
+    from ...distributed import checkpoint
 
     path = out / CHECKPOINTS / f"epoch_{epoch}"
     if _rank0() and path.exists():
         shutil.rmtree(path)  # a stale partial write from a run that died here
     dist.barrier()
-    dcp.save(_checkpoint_state(model, dense_opt, epoch), checkpoint_id=str(path))
+    checkpoint.save(model, str(path), extra=_extra(dense_opt, epoch))
 
 
 def load_checkpoint(path: Path, model: Any, dense_opt: Any) -> int:
     """Collective: checks the checkpoint against this model (clear error, nothing loaded), loads it."""
-    import torch.distributed.checkpoint as dcp
+    from ...distributed import checkpoint
 
-    from ...distributed.checkpoint import check
-
-    dense_opt.init_state()  # DCP loads in place: the dense state must exist first (restored below)
-    state = _checkpoint_state(model, dense_opt, 0)
-    check(model, str(path), state=state)
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
-    model.fused_optimizer.load_state_dict(state["optim"])
-    dense_opt.load_state_dict(state["dense_optim"])
+    dense_opt.init_state()  # DCP loads in place: the dense state must exist first (restored by load)
+    state = checkpoint.load(model, str(path), extra=_extra(dense_opt, 0))
     return int(state["app"]["epoch"])
 
 
