@@ -7,7 +7,8 @@ names the rule; the kernel in :mod:`torchrec_adaptive.kernels` runs it inside ba
 from .diagnostics import row_statistics
 from .epochs import EpochReport, MEDAConfig, start_epoch
 from .kernels import BatchedAdaptiveEmbeddingBag, TableSpec
-from .rules import Adam, AdamAR, AdamARConfig, AdamConfig, FALConfig, RowWiseAdagrad, RowWiseAdagradConfig
+from .rules import (Adam, AdamAR, AdamARConfig, AdamConfig, FALConfig, RowWiseAdagrad, RowWiseAdagradConfig,
+                    RowWiseRMSpropAR, RowWiseRMSpropARConfig)
 
 
 
@@ -32,6 +33,8 @@ __all__ = [
     "FALConfig",
     "RowWiseAdagrad",
     "RowWiseAdagradConfig",
+    "RowWiseRMSpropAR",
+    "RowWiseRMSpropARConfig",
     "TableSpec",
     "row_statistics",
     "sharders",

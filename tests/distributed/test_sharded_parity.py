@@ -65,3 +65,11 @@ def test_data_parallel_matches_single_process() -> None:
     results = run_ranks(data_parallel_worker)
     for case in results[0]:
         assert all(r[case]["checked"] > 0 and r[case]["replicas_identical"] > 0 for r in results), (case, results)
+
+
+# FBGEMM's ROWWISE_RMSPROP_AR twin (tests/kernels/test_rmsprop_ar_fbgemm.py checks it against the op)
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
+def test_rowwise_rmsprop_ar_matches_single_process(sharding_type: str) -> None:
+    kw = {"lr": 0.05, "ar_alpha": 0.5, "eps": 0.1}
+    results = run_ranks(train_and_compare, sharding_type, ta.RowWiseRMSpropAR, kw, STEPS, TOL)
+    assert sum(r["checked"] for r in results) > 0

@@ -19,6 +19,7 @@ RULES = [
     (tra.AdamAR, {"lr": 0.01, "alpha": 0.01, "decay": "exponential", "fal_tau": 3.0}, {"exp_avg": (8,)}),
     (tra.AdamAR, {"lr": 0.01, "alpha": 0.01, "interval": "fbgemm", "min_shrinkage": 0.5}, {"exp_avg": (8,)}),
     (tra.RowWiseAdagrad, {"lr": 0.05, "fal_tau": 0.5, "fal_tau_is_ratio": True}, {"momentum": ()}),
+    (tra.RowWiseRMSpropAR, {"lr": 0.05, "ar_alpha": 0.5}, {"momentum": ()}),
 ]
 IDS = [f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(RULES)]
 

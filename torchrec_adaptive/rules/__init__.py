@@ -2,13 +2,14 @@
 
 from .apply import RowUpdate, allocate_row_state, update_rows
 from .base import RowBatch, RowChain, RowTransform, StateSlot
-from .configs import AdamARConfig, AdamConfig, FALConfig, RowWiseAdagradConfig, RuleConfig
+from .configs import AdamARConfig, AdamConfig, FALConfig, RowWiseAdagradConfig, RowWiseRMSpropARConfig, RuleConfig
 from .optimizers import (
     ADAPTIVE_OPTIMIZERS,
     Adam,
     AdamAR,
     AdaptiveRowOptimizer,
     RowWiseAdagrad,
+    RowWiseRMSpropAR,
     config_from_optimizer,
     count_quantile,
     is_adaptive_optimizer,
@@ -28,6 +29,8 @@ __all__ = [
     "RowUpdate",
     "RowWiseAdagrad",
     "RowWiseAdagradConfig",
+    "RowWiseRMSpropAR",
+    "RowWiseRMSpropARConfig",
     "RuleConfig",
     "StateSlot",
     "allocate_row_state",

@@ -21,6 +21,7 @@ from .transforms import (
     scale_by_row_adam,
     scale_by_row_frequency,
     scale_by_rowwise_adagrad,
+    scale_by_rowwise_rmsprop,
     track_row_history,
 )
 
@@ -184,3 +185,29 @@ class AdamARConfig(AdamConfig):
             *super().base_transforms(),
         ]
 
+
+
+@dataclass(frozen=True)
+class RowWiseRMSpropARConfig(RuleConfig):
+    """FBGEMM's ``ROWWISE_RMSPROP_AR`` (the AdamAR paper's Algorithm 2 as FBGEMM fused it),
+    with FBGEMM's argument names and defaults:
+
+    v_r <- ema_beta v_r + (1 - ema_beta) mean_j g_rj^2; I_r = k - s_r (1 on a row's first touch);
+    theta_r <- max(min_shrinkage, 1 - min(1, lr ar_alpha I_r)) theta_r - lr g_r / (sqrt(v_r) + eps).
+
+    ``ar_alpha=0`` (FBGEMM's default) is plain row-wise RMSprop. Tested against FBGEMM's
+    compiled op (tests/rules/test_rmsprop_ar.py); METHODS.md's AdamAR stays our default rule.
+    """
+
+    name: ClassVar[str] = "RowWiseRMSpropAR"
+    lr: float = 0.01
+    eps: float = 1e-8
+    ar_alpha: float = 0.0
+    ema_beta: float = 0.99
+    min_shrinkage: float = 0.1
+
+    def base_transforms(self) -> list[RowTransform]:
+        return [
+            add_adaptive_row_decay(alpha=self.ar_alpha, mode="fbgemm", min_shrinkage=self.min_shrinkage),
+            scale_by_rowwise_rmsprop(ema_beta=self.ema_beta, eps=self.eps),
+        ]

@@ -1,4 +1,4 @@
-"""The optimizer classes users name: ``RowWiseAdagrad``, ``Adam``, ``AdamAR``.
+"""The optimizer classes users name: ``RowWiseAdagrad``, ``Adam``, ``AdamAR``, ``RowWiseRMSpropAR``.
 
 They play two roles:
 
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .apply import RowUpdate, allocate_row_state, update_rows
 from .base import RowChain
-from .configs import AdamARConfig, AdamConfig, RowWiseAdagradConfig, RuleConfig
+from .configs import AdamARConfig, AdamConfig, RowWiseAdagradConfig, RowWiseRMSpropARConfig, RuleConfig
 from .transforms import scale_by_row_frequency
 
 
@@ -125,7 +125,13 @@ class AdamAR(AdaptiveRowOptimizer):
     config_type = AdamARConfig
 
 
-ADAPTIVE_OPTIMIZERS: tuple[type[AdaptiveRowOptimizer], ...] = (RowWiseAdagrad, Adam, AdamAR)
+class RowWiseRMSpropAR(AdaptiveRowOptimizer):
+    """FBGEMM's ROWWISE_RMSPROP_AR: row-wise RMSprop + its adaptive decay (kwargs of :class:`RowWiseRMSpropARConfig`)."""
+
+    config_type = RowWiseRMSpropARConfig
+
+
+ADAPTIVE_OPTIMIZERS: tuple[type[AdaptiveRowOptimizer], ...] = (RowWiseAdagrad, Adam, AdamAR, RowWiseRMSpropAR)
 
 
 def is_adaptive_optimizer(cls: Any) -> bool:

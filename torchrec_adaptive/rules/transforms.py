@@ -108,7 +108,10 @@ class add_adaptive_row_decay(_RowDecay):  # noqa: N801
     min_shrinkage: float = 0.0
 
     def validate(self) -> None:
-        _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
+        if self.mode == "fbgemm":  # lambda = lr * alpha * I: alpha is scaled by lr, any size is meaningful
+            _check(self.alpha >= 0.0 and math.isfinite(self.alpha), f"alpha must be >= 0 and finite, got {self.alpha}")
+        else:
+            _check(0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}")
         _check(self.mode in ("linear", "exponential", "fbgemm"),
                f"decay must be 'linear' or 'exponential' (interval='fbgemm' for FBGEMM's form), got {self.mode!r}")
         _check(0.0 <= self.min_shrinkage <= 1.0, f"min_shrinkage must be in [0, 1], got {self.min_shrinkage}")
@@ -179,6 +182,33 @@ class scale_by_rowwise_adagrad(_Validated):  # noqa: N801
         acc = state["momentum"] + g.square().mean(dim=1)
         batch.grad = g / (acc.sqrt() + self.eps).unsqueeze(1)
         return {"momentum": acc}
+
+
+@dataclass
+class scale_by_rowwise_rmsprop(_Validated):  # noqa: N801
+    """FBGEMM's row-wise RMSprop (the base of its ``ROWWISE_RMSPROP_AR``):
+    v_r <- beta v_r + (1 - beta) mean_j g_rj^2; direction = g / (sqrt(v_r) + eps).
+
+    No bias correction, as in FBGEMM: a fresh row's first step is 1/sqrt(1 - beta)
+    times larger than Adagrad's. The slot is FBGEMM's ``momentum1``; it is called ``momentum``
+    like row-wise Adagrad's sum, which FBGEMM keeps in the same place.
+    """
+
+    ema_beta: float = 0.99
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        _check(0.0 <= self.ema_beta < 1.0, f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return (StateSlot("momentum", torch.float32),)
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        g = batch.grad
+        v = state["momentum"] * self.ema_beta + g.square().mean(dim=1) * (1.0 - self.ema_beta)
+        batch.grad = g / (v.sqrt() + self.eps).unsqueeze(1)
+        return {"momentum": v}
 
 
 @dataclass

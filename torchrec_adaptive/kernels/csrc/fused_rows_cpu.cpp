@@ -116,7 +116,7 @@ void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at
 // FBGEMM's EXACT_ROWWISE_ADAGRAD with optional coupled L2 (g += l2 * w) and a per-row keep factor.
 void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor rows, at::Tensor row_offsets,
                            at::Tensor bags, at::Tensor lookup_weight, at::Tensor bag_grads, at::Tensor lr,
-                           at::Tensor keep, double eps, double l2) {
+                           at::Tensor keep, double eps, double l2, double acc_decay, double sq_scale) {
   const LookupGrad lg = lookup_grad(weight, rows, row_offsets, bags, lookup_weight, bag_grads);
   TORCH_CHECK(momentum.dim() == 1 && momentum.size(0) == weight.size(0) && momentum.is_contiguous() &&
                   momentum.scalar_type() == at::kFloat,
@@ -130,7 +130,7 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
   const int64_t* r = rows.data_ptr<int64_t>();
   const float* lp = lr_c.data_ptr<float>();
   const float* kp = has_keep ? keep_c.data_ptr<float>() : nullptr;
-  const float e = eps, wd = l2;
+  const float e = eps, wd = l2, ad = acc_decay, ss = sq_scale;
   at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
     std::vector<float> buf(D);
     float* __restrict__ gr = buf.data();
@@ -146,7 +146,8 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
         const float gj = gr[j] + wd * wr[j];
         sq += gj * gj;
       }
-      const float a = acc[row] + sq / D;
+      // Adagrad: a = acc + mean(g^2) (ad = ss = 1, exact); RMSprop: a = beta acc + (1 - beta) mean(g^2)
+      const float a = ad * acc[row] + ss * (sq / D);
       acc[row] = a;
       const float mult = lp[u] / (std::sqrt(a) + e);
       const float k = kp ? kp[u] : 1.0f;
@@ -160,5 +161,5 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_rows_", &adam_rows_, "fused lazy Adam on rows (in place)");
-  m.def("rowwise_adagrad_rows_", &rowwise_adagrad_rows_, "fused row-wise Adagrad on rows (in place)");
+  m.def("rowwise_adagrad_rows_", &rowwise_adagrad_rows_, "fused row-wise Adagrad / RMSprop on rows (in place)");
 }
