@@ -9,12 +9,16 @@ scheduler and keeps logs under ``runs/torchx``)::
 
 ``local_cwd`` starts ``torchrun`` from the caller's PATH, not from the venv
 torchx was installed in, hence the PATH prefix (``scripts/demo.sh`` does it).
-On slurm or kubernetes, pass ``-s slurm``/``-s kubernetes`` and ``-j NODESxPROCS``
-(plus an ``image`` with this project installed for kubernetes); the component
-is the same, e.g.::
+On Slurm (tested on a one-node Slurm 22.05, docs/app.md "On Slurm") pass ``-s slurm``,
+``-j NODESxPROCS`` and the resources per node (``--cpu``, ``--memMB``, ``--gpu``); torchx then
+uses our scheduler (``launch/slurm.py``), which runs the job with the venv torchx came from::
 
-    torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8 --config configs/criteo/adamar.yaml \
-        --out /shared/runs/adamar
+    .venv/bin/torchx run -s slurm --wait launch/components.py:dlrm -j 1x2 --config configs/synthetic/adamar.yaml
+    .venv/bin/torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8 --cpu 64 --memMB 480000 \
+        --config configs/criteo/adamar.yaml --out /shared/runs/adamar
+
+Kubernetes (untested) needs an ``image`` with this project installed::
+
     torchx run -s kubernetes -cfg queue=default launch/components.py:dlrm -j 4x8 --gpu 8 \
         --image registry/torchrec-adaptive:latest --config configs/criteo/adamar.yaml
 
@@ -60,10 +64,15 @@ def demo(
     )
 
 
+def _nproc(j: str) -> int:
+    """Ranks per node of ``[min_nnodes:]nnodes x nproc_per_node`` (a bare integer: ranks on one node)."""
+    return int(j.rpartition("x")[2])
+
+
 def _resources(j: str, cpu: int, memMB: int, gpu: int) -> Tuple[int, int, int]:
     """CPUs, memory and GPUs per replica (one replica = one node running torchrun and its ranks):
     by default one CPU and 4 GiB per rank, GPUs only when asked for (then one per rank)."""
-    nproc = int(j.rpartition("x")[2]) if "x" in j else int(j)
+    nproc = _nproc(j)
     if cpu < 0 or memMB < 0 or gpu < 0:
         raise ValueError(f"cpu={cpu}, memMB={memMB}, gpu={gpu}: resources per node cannot be negative")
     if 0 < gpu < nproc:
@@ -74,7 +83,7 @@ def _resources(j: str, cpu: int, memMB: int, gpu: int) -> Tuple[int, int, int]:
 def _env(env: Optional[Dict[str, str]], j: str, cpu: int, gpu: int) -> Dict[str, str]:
     # On CPU the ranks share the node's CPUs: cpu // ranks threads each (1 with the default cpu, no
     # oversubscription); on GPU torch's own default.
-    nproc = int(j.rpartition("x")[2]) if "x" in j else int(j)
+    nproc = _nproc(j)
     base = {"PYTHONUNBUFFERED": "1"} if gpu else {"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"}
     return {**base, **(env or {})}
 

@@ -103,18 +103,23 @@ def test_a_failing_config_fails_with_the_rank_and_its_error(tmp_path):
 
 
 def test_a_study_queued_behind_another_job_is_followed_to_success(tmp_path):
-    # a job holding both CPUs, so the study is PENDING when submitted (where torchx's own
-    # scheduler crashed on Slurm 22.05: no `job_resources` yet)
+    # a job holding both CPUs until released, so the study is PENDING when submitted (where torchx's
+    # own scheduler crashed on Slurm 22.05: no `job_resources` yet)
+    release = tmp_path / "release"
     blocker = subprocess.run(["sbatch", "--parsable", "--job-name=blocker", "--cpus-per-task=2", "--mem=100",
-                              f"--output={tmp_path}/blocker.out", "--wrap", "sleep 10"],
+                              f"--output={tmp_path}/blocker.out", "--wrap",
+                              f"timeout 300 bash -c 'until [ -e {release} ]; do sleep 0.2; done'"],
                              capture_output=True, text=True, check=True).stdout.strip()
-    cfgs = ",".join(str(_config(tmp_path, m, f"synthetic/{m}")) for m in ("adam", "adamar"))
-    proc = _torchx("run", "-s", "slurm", "launch/components.py:study", "--configs", cfgs,
-                   "--out", str(tmp_path / "study"))
-    assert proc.returncode == 0, proc.text[-4000:]
-    handle = _handle(proc)
-    seen = [_state(handle)]
-    assert seen == ["PENDING"], (seen, subprocess.run(["squeue"], capture_output=True, text=True).stdout)
+    try:
+        cfgs = ",".join(str(_config(tmp_path, m, f"synthetic/{m}")) for m in ("adam", "adamar"))
+        proc = _torchx("run", "-s", "slurm", "launch/components.py:study", "--configs", cfgs,
+                       "--out", str(tmp_path / "study"))
+        assert proc.returncode == 0, proc.text[-4000:]
+        handle = _handle(proc)
+        seen = [_state(handle)]
+        assert seen == ["PENDING"], (seen, subprocess.run(["squeue"], capture_output=True, text=True).stdout)
+    finally:
+        release.touch()
     deadline = time.time() + 600
     while seen[-1] not in ("SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"):
         assert time.time() < deadline, seen
