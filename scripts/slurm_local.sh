@@ -18,6 +18,7 @@ CONF=/etc/slurm/slurm.conf
 MARKER="# written by torchrec-adaptive scripts/slurm_local.sh"
 STATE=/var/lib/torchrec-adaptive-slurm     # controller state, spool, logs, pid files
 PACKAGES=(slurmctld slurmd slurm-client munge)
+CONF_CHANGED=0
 
 log() { echo "slurm_local: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -77,7 +78,12 @@ SlurmdTimeout=60
 $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    mv "$CONF.tmp" "$CONF"
+    if cmp -s "$CONF.tmp" "$CONF"; then
+        rm "$CONF.tmp"
+    else
+        mv "$CONF.tmp" "$CONF"
+        CONF_CHANGED=1
+    fi
     # the munge key: the package's postinst makes one; make it if there is none
     if [[ ! -s /etc/munge/munge.key ]]; then
         mkdir -p /etc/munge
@@ -114,6 +120,8 @@ start() {
     if ! running slurmd "$STATE/slurmd.pid"; then
         slurmd
         log "slurmd started"
+    elif ((CONF_CHANGED)); then
+        scontrol reconfigure && log "running daemons re-read $CONF"
     fi
     local t
     for t in $(seq 1 60); do

@@ -66,6 +66,16 @@ def _config(tmp: Path, name: str, base: str, extra: str = TINY) -> Path:
     return p
 
 
+def test_starting_the_running_cluster_again_changes_nothing():
+    script = ROOT / "scripts" / "slurm_local.sh"
+    before = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "started" not in proc.stderr, proc.stderr
+    assert subprocess.run(["bash", str(script), "status"]).returncode == 0
+    after = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    assert re.findall(r"BOOT_TIME\s*=.*", before) == re.findall(r"BOOT_TIME\s*=.*", after)
+
+
 def test_dlrm_one_epoch_succeeds_with_its_metrics_and_resources(tmp_path):
     cfg = _config(tmp_path, "adamar", "synthetic/adamar")
     proc = _torchx("run", "-s", "slurm", "--wait", "launch/components.py:dlrm", "-j", "1x2",
