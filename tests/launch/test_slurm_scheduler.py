@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from torchx.runner import get_runner
 from torchx.schedulers import get_scheduler_factories
+from torchx.schedulers import slurm_scheduler
 from torchx.schedulers.slurm_scheduler import SlurmScheduler
 from torchx.specs import AppState
 
@@ -99,8 +100,9 @@ def test_root_cause_names_the_rank_and_its_error():
     assert _torchrun_root_cause("no summary") == ""
 
 
-def _script(monkeypatch, tmp_path, *args: str) -> str:
+def _script(monkeypatch, tmp_path, *args: str, slurm_version=(22, 5)) -> str:
     monkeypatch.setattr(SlurmScheduler, "_partition_memmb", lambda self, partition: None)  # no sinfo call
+    monkeypatch.setattr(slurm_scheduler, "version", lambda: slurm_version)  # torchx picks its GPU option by it
     monkeypatch.chdir(ROOT)
     with get_runner() as runner:
         info = runner.dryrun_component("launch/components.py:dlrm", list(args), "slurm",
@@ -108,7 +110,8 @@ def _script(monkeypatch, tmp_path, *args: str) -> str:
     return repr(info.request)
 
 
-def test_the_job_asks_for_what_the_component_was_given(monkeypatch, tmp_path):
+@pytest.mark.parametrize("slurm_version", [(22, 5), (24, 11)])
+def test_the_job_asks_for_what_the_component_was_given(monkeypatch, tmp_path, slurm_version):
     script = _script(monkeypatch, tmp_path, "-j", "1x2", "--config", "configs/synthetic/adamar.yaml")
     # default: one CPU and 4 GiB per rank, no GPU, named after the run
     assert "#SBATCH --job-name=dlrm_adamar-0 " in script
@@ -122,12 +125,12 @@ def test_the_job_asks_for_what_the_component_was_given(monkeypatch, tmp_path):
     assert f'--error={logs}/slurm-"$SLURM_JOB_ID"-dlrm_adamar-0.err' in script
 
     script = _script(monkeypatch, tmp_path, "-j", "2x4", "--cpu", "16", "--memMB", "64000", "--gpu", "4",
-                     "--out", "/shared/runs/adamar_1tb")
+                     "--out", "/shared/runs/adamar_1tb", slurm_version=slurm_version)
     head = script.split("set -evx")[0]
     for node in (0, 1):  # one heterogeneous component per node, each with the node's resources
         assert (f"--job-name=dlrm_adamar_1tb-{node} --requeue --ntasks-per-node=1 --cpus-per-task=16 --mem=64000 "
                 f"--gres=gpu:4 ") in head
-    assert "gpus-per-task" not in head and "--ntasks=" not in head and "OMP_NUM_THREADS" not in script
+    assert "gpus-per-task" not in head and "gpus-per-node" not in head and "--ntasks=" not in head and "OMP_NUM_THREADS" not in script
 
     script = _script(monkeypatch, tmp_path, "-j", "1x2", "--cpu", "8")
     assert "--cpus-per-task=8 " in script and "OMP_NUM_THREADS=4," in script
