@@ -69,8 +69,8 @@ _STATE_RANK = {s: i for i, s in enumerate([AppState.FAILED, AppState.CANCELLED, 
 
 
 def _het_leader(job: dict[str, Any]) -> int | None:
-    """The heterogeneous-job leader's ID: an int in Slurm <= 23.02 (0: not heterogeneous),
-    ``{"set": bool, "number": int}`` later."""
+    """The heterogeneous-job leader's ID: an int in Slurm 22.05 (0: not heterogeneous),
+    ``{"set": bool, "number": int}`` in 24.11."""
     het = job.get("het_job_id")
     if isinstance(het, dict):
         return int(het["number"]) if het.get("set") else None
@@ -126,6 +126,7 @@ class AppSlurmScheduler(SlurmScheduler, Scheduler[AppSlurmOpts]):
 
     def schedule(self, dryrun_info: AppDryRunInfo[SlurmBatchRequest, AppSlurmOpts]) -> str:
         req = dryrun_info.request
+        # the log_dir that _submit_dryrun put in the replicas' paths ("" without one: torchx's default)
         first = next(iter(req.replicas.values()))
         log_dir = os.path.dirname(first.srun_opts["output"]) if req.job_dir is None else ""
         if log_dir:
@@ -174,7 +175,7 @@ class AppSlurmScheduler(SlurmScheduler, Scheduler[AppSlurmOpts]):
                 continue  # not a torchx replica
             state = get_appstate_from_job(job)
             states.append(state)
-            resources = job.get("job_resources")  # absent while pending on Slurm <= 23.02
+            resources = job.get("job_resources")  # absent while pending on Slurm 22.05
             role = roles.setdefault(role_name, Role(name=role_name, image=job["current_working_directory"],
                                                     entrypoint=job["command"], num_replicas=0))
             status = statuses.setdefault(role_name, RoleStatus(role_name, replicas=[]))
