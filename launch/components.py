@@ -9,12 +9,16 @@ scheduler and keeps logs under ``runs/torchx``)::
 
 ``local_cwd`` starts ``torchrun`` from the caller's PATH, not from the venv
 torchx was installed in, hence the PATH prefix (``scripts/demo.sh`` does it).
-On slurm or kubernetes, pass ``-s slurm``/``-s kubernetes`` and ``-j NODESxPROCS``
-(plus an ``image`` with this project installed for kubernetes); the component
-is the same, e.g.::
+On Slurm (tested on a one-node Slurm 22.05, docs/app.md "On Slurm") pass ``-s slurm``,
+``-j NODESxPROCS`` and the resources per node (``--cpu``, ``--memMB``, ``--gpu``); torchx then
+uses our scheduler (``launch/slurm.py``), which runs the job with the venv torchx came from::
 
-    torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8 --config configs/criteo/adamar.yaml \
-        --out /shared/runs/adamar
+    .venv/bin/torchx run -s slurm --wait launch/components.py:dlrm -j 1x2 --config configs/synthetic/adamar.yaml
+    .venv/bin/torchx run -s slurm launch/components.py:dlrm -j 2x8 --gpu 8 --cpu 64 --memMB 480000 \
+        --config configs/criteo/adamar.yaml --out /shared/runs/adamar
+
+Kubernetes (untested) needs an ``image`` with this project installed::
+
     torchx run -s kubernetes -cfg queue=default launch/components.py:dlrm -j 4x8 --gpu 8 \
         --image registry/torchrec-adaptive:latest --config configs/criteo/adamar.yaml
 
@@ -24,7 +28,9 @@ exits non-zero.
 """
 
 
-from typing import Dict, List, Optional
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
 from torchx.components.dist import torchrun
@@ -58,10 +64,43 @@ def demo(
     )
 
 
-def _env(env: Optional[Dict[str, str]], gpu: int) -> Dict[str, str]:
-    # On CPU each rank gets one thread: 2 ranks on 2 cores, no oversubscription.
-    base = {"PYTHONUNBUFFERED": "1"} if gpu else {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _nproc(j: str) -> int:
+    """Ranks per node of ``[min_nnodes:]nnodes x nproc_per_node`` (a bare integer: ranks on one node)."""
+    return int(j.rpartition("x")[2])
+
+
+def _resources(j: str, cpu: int, memMB: int, gpu: int) -> Tuple[int, int, int]:
+    """CPUs, memory and GPUs per replica (one replica = one node running torchrun and its ranks):
+    by default one CPU and 4 GiB per rank, GPUs only when asked for (then one per rank)."""
+    nproc = _nproc(j)
+    if cpu < 0 or memMB < 0 or gpu < 0:
+        raise ValueError(f"cpu={cpu}, memMB={memMB}, gpu={gpu}: resources per node cannot be negative")
+    if 0 < gpu < nproc:
+        raise ValueError(f"gpu={gpu} GPUs per node for -j {j}: each of the {nproc} ranks on a node needs its own GPU")
+    return cpu or nproc, memMB or 4096 * nproc, gpu
+
+
+def _env(env: Optional[Dict[str, str]], j: str, cpu: int, gpu: int) -> Dict[str, str]:
+    # On CPU the ranks share the node's CPUs: cpu // ranks threads each (1 with the default cpu, no
+    # oversubscription); on GPU torch's own default.
+    nproc = _nproc(j)
+    base = {"PYTHONUNBUFFERED": "1"} if gpu else {"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"}
     return {**base, **(env or {})}
+
+
+def _role(kind: str, run: str) -> str:
+    """The role name, which torchx makes the Slurm job name (``<role>-<replica>``) and the local log
+    directory: the component and the run, e.g. ``dlrm_adamar``, so ``squeue`` says what runs."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", f"{kind}_{run}").strip("_")
+
+
+def _launch(args: List[str], module: str, kind: str, run: str, j: str, cpu: int, memMB: int, gpu: int, image: str,
+            env: Optional[Dict[str, str]]) -> specs.AppDef:
+    cpu, memMB, gpu = _resources(j, cpu, memMB, gpu)
+    app = torchrun(*args, m=module, image=image, name=f"torchrec_adaptive/{kind}", j=j, cpu=cpu, gpu=gpu,
+                   memMB=memMB, env=_env(env, j, cpu, gpu))
+    app.roles[0].name = _role(kind, run)
+    return app
 
 
 def dlrm(
@@ -70,6 +109,8 @@ def dlrm(
     out: str = "",
     resume: bool = False,
     j: str = "1x2",
+    cpu: int = 0,
+    memMB: int = 0,
     gpu: int = 0,
     image: str = "torchrec-adaptive",
     env: Optional[Dict[str, str]] = None,
@@ -82,8 +123,10 @@ def dlrm(
         out: run directory (default runs/<config name>)
         resume: continue after the newest checkpoint in the run directory
         j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
-        gpu: GPUs per node (0: CPU and gloo)
-        image: container image for docker/kubernetes schedulers (unused by local_cwd)
+        cpu: CPUs per node (per replica); 0: one per rank. On CPU each rank runs cpu/nproc_per_node threads
+        memMB: memory per node (per replica) in MB; 0: 4096 per rank
+        gpu: GPUs per node (0: CPU and gloo; else one per rank, so at least nproc_per_node)
+        image: container image for docker/kubernetes schedulers (unused by local_cwd and slurm)
         env: extra environment variables
     """
     args: List[str] = ["--config", config]
@@ -93,8 +136,8 @@ def dlrm(
         args += ["--out", out]
     if resume:
         args.append("--resume")
-    return torchrun(*args, m="torchrec_adaptive.apps.dlrm.train", image=image, name="torchrec_adaptive/dlrm",
-                    j=j, cpu=1, gpu=gpu, memMB=8192, env=_env(env, gpu))
+    run = Path(out).name if out else Path(config).stem
+    return _launch(args, "torchrec_adaptive.apps.dlrm.train", "dlrm", run, j, cpu, memMB, gpu, image, env)
 
 
 def study(
@@ -104,6 +147,8 @@ def study(
     out: str = "runs/study",
     resume: bool = False,
     j: str = "1x2",
+    cpu: int = 0,
+    memMB: int = 0,
     gpu: int = 0,
     image: str = "torchrec-adaptive",
     env: Optional[Dict[str, str]] = None,
@@ -117,8 +162,10 @@ def study(
         out: study directory (one subdirectory per run, summary.md, auc_by_epoch.png)
         resume: skip complete runs, continue an interrupted one from its checkpoint
         j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
-        gpu: GPUs per node (0: CPU and gloo)
-        image: container image for docker/kubernetes schedulers (unused by local_cwd)
+        cpu: CPUs per node (per replica); 0: one per rank. On CPU each rank runs cpu/nproc_per_node threads
+        memMB: memory per node (per replica) in MB; 0: 4096 per rank
+        gpu: GPUs per node (0: CPU and gloo; else one per rank, so at least nproc_per_node)
+        image: container image for docker/kubernetes schedulers (unused by local_cwd and slurm)
         env: extra environment variables
     """
     args: List[str] = ["--configs", *[c for c in configs.split(",") if c], "--out", out]
@@ -126,5 +173,4 @@ def study(
         args += ["--set", o]
     if resume:
         args.append("--resume")
-    return torchrun(*args, m="torchrec_adaptive.apps.dlrm.study", image=image, name="torchrec_adaptive/study",
-                    j=j, cpu=1, gpu=gpu, memMB=8192, env=_env(env, gpu))
+    return _launch(args, "torchrec_adaptive.apps.dlrm.study", "study", Path(out).name, j, cpu, memMB, gpu, image, env)
