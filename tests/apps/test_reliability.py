@@ -23,7 +23,6 @@ import pytest
 
 from torchrec_adaptive.apps.dlrm import runs
 from torchrec_adaptive.apps.dlrm.config import load_config, to_dict
-from torchrec_adaptive.distributed.checkpoint import read_info
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -93,6 +92,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(runs_in_one_fo
 
 
 def test_a_fresh_run_never_inherits_an_earlier_runs_checkpoints(runs_in_one_folder):
+    from torchrec_adaptive.distributed.checkpoint import read_info
+
     r = runs_in_one_folder
     out = r["out"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_1"]

@@ -20,9 +20,10 @@ All or nothing. :func:`save` writes into ``<path>.tmp-<token>``, waits for every
 (barrier), records every file's size and (by default) SHA-256 in ``manifest.json``,
 then renames the folder to ``<path>`` (an existing ``<path>`` is first renamed aside
 and removed only after the new one is in place). A process killed at any moment of a
-save therefore leaves either the previous checkpoint at ``<path>`` or the new one,
-never a mix, and never touches other checkpoints; a folder without ``manifest.json``
-is an unfinished save. :func:`load` (through :func:`check`) first verifies every file
+save therefore never touches other checkpoints and leaves at ``<path>`` the old
+checkpoint or the new one, never a mix (replacing one: in the instant between the two
+renames ``<path>`` is absent and the old one waits, complete, at ``<path>.old-<token>``);
+a folder without ``manifest.json`` is an unfinished save. :func:`load` (through :func:`check`) first verifies every file
 against the manifest on every rank (sizes always: a ``stat`` per file; SHA-256 when
 recorded, each rank hashing its share of the files), then checks the metadata against
 the model, and only then reads a tensor; a problem raises one :class:`CheckpointError`
@@ -343,8 +344,11 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
         elif want is not None and have is None:
             problems.append(f"{where}: the checkpoint holds a non-tensor value where the model has a tensor")
     if strict:
+        # A rank holds optimizer state only for tables with a shard there: compare with every rank's keys.
+        ours = sorted(k for k in flat if k.startswith(("model.", "optim.state.")))
+        known = {k for ks in _gather(ours, process_group) for k in ks}
         extra_tables = sorted({_table_of_saved_key(k) for k in metadata
-                               if k.startswith(("model.", "optim.state.")) and k not in flat})
+                               if k.startswith(("model.", "optim.state.")) and k not in known})
         for t in extra_tables:
             problems.append(f"table {t!r} is in the checkpoint but not in the model: loading would drop it "
                             f"(load(..., strict=False) does so on purpose)")

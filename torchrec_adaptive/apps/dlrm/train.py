@@ -99,8 +99,8 @@ def _agree_on_plan(out: Path, cfg: RunConfig, resume: bool, allow_config_change:
         try:
             box[0] = plan_run(out, to_dict(cfg), resume=resume, allow_config_change=allow_config_change,
                               missing_ok=missing_ok)
-        except RunError as e:
-            box[0] = e
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+            box[0] = e if isinstance(e, RunError) else RunError(f"{out}: {type(e).__name__}: {e}")
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], RunError):
         raise RunError(str(box[0]))
@@ -173,8 +173,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
             _truncate_metrics(diag_path, first - 1)
             record_resume(out, plan, first - 1, to_dict(cfg))
             changed = f"; config changed: {sorted(plan.changes)}" if plan.changes else ""
-            print(f"[{cfg.name}] resumed run {plan.record.run_id} from {out / CHECKPOINTS}/epoch_{first - 1} "
-                  f"(epoch {first - 1} done){changed}", flush=True)
+            print(f"[{cfg.name}] resumed from {out / CHECKPOINTS}/epoch_{first - 1} (epoch {first - 1} done, "
+                  f"run {plan.record.run_id}){changed}", flush=True)
 
     steps = steps_per_epoch(len(train), t.batch_size, world, t.max_steps_per_epoch)
     if steps < 1:
