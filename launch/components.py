@@ -103,11 +103,31 @@ def _launch(args: List[str], module: str, kind: str, run: str, j: str, cpu: int,
     return app
 
 
+def _flag(name: str, value: str) -> bool:
+    """torchx gives every component argument a value (a bare ``--resume`` is not possible there;
+    ``scripts/demo.sh`` adds the ``true``). Only true/false are taken: torchx's own bool would read
+    ``--resume yes`` or ``--resume 1`` as False without a word."""
+    v = value.strip().lower()
+    if v not in ("true", "false"):
+        raise ValueError(f"--{name} takes true or false, got {value!r}")
+    return v == "true"
+
+
+def _run_flags(resume: str, allow_config_change: str, gpu: int) -> List[str]:
+    flags = ["--device", "cuda" if gpu else "cpu"]  # --gpu N on a machine without GPUs fails, never runs on CPU
+    if _flag("resume", resume):
+        flags.append("--resume")
+    if _flag("allow_config_change", allow_config_change):
+        flags.append("--allow-config-change")
+    return flags
+
+
 def dlrm(
     *overrides: str,
     config: str = "configs/synthetic/adamar.yaml",
     out: str = "",
-    resume: bool = False,
+    resume: str = "false",
+    allow_config_change: str = "false",
     j: str = "1x2",
     cpu: int = 0,
     memMB: int = 0,
@@ -121,7 +141,9 @@ def dlrm(
         overrides: config overrides KEY=VALUE, e.g. train.epochs=2 sparse_optimizer.kwargs.alpha=1e-3
         config: a YAML file under configs/
         out: run directory (default runs/<config name>)
-        resume: continue after the newest checkpoint in the run directory
+        resume: true: continue the run in the run directory after its newest valid checkpoint (fails if there
+            is none or the config changed)
+        allow_config_change: true: with resume, go on with a changed config (recorded in config.json)
         j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
         cpu: CPUs per node (per replica); 0: one per rank. On CPU each rank runs cpu/nproc_per_node threads
         memMB: memory per node (per replica) in MB; 0: 4096 per rank
@@ -134,8 +156,7 @@ def dlrm(
         args += ["--set", o]
     if out:
         args += ["--out", out]
-    if resume:
-        args.append("--resume")
+    args += _run_flags(resume, allow_config_change, gpu)
     run = Path(out).name if out else Path(config).stem
     return _launch(args, "torchrec_adaptive.apps.dlrm.train", "dlrm", run, j, cpu, memMB, gpu, image, env)
 
@@ -145,7 +166,8 @@ def study(
     configs: str = "configs/synthetic/adam.yaml,configs/synthetic/adamar.yaml,configs/synthetic/fal.yaml,"
                    "configs/synthetic/meda.yaml",
     out: str = "runs/study",
-    resume: bool = False,
+    resume: str = "false",
+    allow_config_change: str = "false",
     j: str = "1x2",
     cpu: int = 0,
     memMB: int = 0,
@@ -160,7 +182,8 @@ def study(
         overrides: config overrides KEY=VALUE applied to every run
         configs: comma-separated YAML files
         out: study directory (one subdirectory per run, summary.md, auc_by_epoch.png)
-        resume: skip complete runs, continue an interrupted one from its checkpoint
+        resume: true: skip complete runs, continue interrupted ones from their last valid checkpoint
+        allow_config_change: true: with resume, go on with a changed config (recorded in config.json)
         j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
         cpu: CPUs per node (per replica); 0: one per rank. On CPU each rank runs cpu/nproc_per_node threads
         memMB: memory per node (per replica) in MB; 0: 4096 per rank
@@ -171,6 +194,5 @@ def study(
     args: List[str] = ["--configs", *[c for c in configs.split(",") if c], "--out", out]
     for o in overrides:
         args += ["--set", o]
-    if resume:
-        args.append("--resume")
+    args += _run_flags(resume, allow_config_change, gpu)
     return _launch(args, "torchrec_adaptive.apps.dlrm.study", "study", Path(out).name, j, cpu, memMB, gpu, image, env)

@@ -37,9 +37,13 @@ replica sends its batch's gradients to every other rank and runs the backward of
 global batch, so data_parallel suits small, hot tables.
 
 Checkpoints: ``checkpoint.save(model, path)`` / ``checkpoint.load(model, path)`` are
-``torch.distributed.checkpoint`` with a check first (every key present, same global
-shapes, same optimizer per table; a clear ``ValueError`` otherwise and nothing
-loaded). A checkpoint loads under another plan or world size (resharding), including
+``torch.distributed.checkpoint``, all or nothing. The save is atomic (a temporary
+folder, a manifest of every file's size and SHA-256, then a rename): a process killed
+at any moment of it leaves every earlier checkpoint loadable, and the one being written
+either complete or absent. The load checks first (files against the manifest, every key
+present, same global shapes, same optimizer per table, no table the model lacks; a clear
+``CheckpointError``, a ``ValueError``, naming the checkpoint and file or table otherwise,
+on every rank, and nothing loaded). A checkpoint loads under another plan or world size (resharding), including
 data_parallel, whose weights and optimizer state are plain (replicated) tensors.
 """
 

@@ -7,8 +7,15 @@ Per epoch: ``start_epoch`` (FAL's epoch schedule, MEDA's re-init), training (tqd
 rank 0), evaluation (AUC and log loss, overall and per frequency bucket), row
 diagnostics, one JSON line in ``<out>/metrics.jsonl`` (rank 0) and a DCP checkpoint
 ``<out>/checkpoints/epoch_<e>`` (weights, fused and dense optimizer state, the epoch).
-``--resume`` continues after the newest complete checkpoint; metrics of the epochs
-it replays are not duplicated (lines after the checkpoint's epoch are dropped).
+
+Runs never mix (``runs.py``): ``config.json`` names the run (run id, config hash,
+history); a fresh run moves an earlier run's files aside; ``--resume`` continues the
+same run only, after its newest checkpoint that verifies (a damaged one is reported
+and the previous one used), refuses a changed config unless ``--allow-config-change``,
+and fails when there is nothing to resume. Metrics of the epochs it replays are not
+duplicated (lines after the checkpoint's epoch are dropped). Checkpoint saves are
+atomic (``distributed/checkpoint.py``): a kill at any moment leaves the earlier
+checkpoints loadable.
 
 The loop is a plain loop by default. ``train.pipeline: sparse_dist`` uses TorchRec's
 ``TrainPipelineSparseDist`` (input dist of batch i+1 overlapped with batch i); on
@@ -22,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -39,8 +45,7 @@ from .inputs import (bucket_index, eval_batches, load_data, rarest_id_count, ste
                      train_counts)
 from .model import build_model, shard
 from .optim import dense_optimizer
-
-CHECKPOINTS = "checkpoints"
+from .runs import CHECKPOINTS, Plan, RunError, config_hash, plan_run, record_resume
 
 
 def _rank0() -> bool:
@@ -58,37 +63,68 @@ def _progress(it: Iterator[Any], total: int, desc: str) -> Iterator[Any]:
                      dynamic_ncols=True))
 
 
-def latest_checkpoint(out: Path) -> Optional[tuple[int, Path]]:
-    """The newest complete checkpoint (DCP writes ``.metadata`` last, after every rank's shards)."""
-    done = []
-    for p in (out / CHECKPOINTS).glob("epoch_*"):
-        if (p / ".metadata").exists() and p.name[6:].isdigit():
-            done.append((int(p.name[6:]), p))
-    return max(done) if done else None
-
-
 def _extra(dense_opt: Any, epoch: int) -> dict[str, Any]:
     """What a checkpoint holds besides the model and its fused optimizer."""
     return {"dense_optim": dense_opt, "app": {"epoch": torch.tensor(epoch)}}
 
 
-def save_checkpoint(out: Path, model: Any, dense_opt: Any, epoch: int) -> None:
+def save_checkpoint(out: Path, model: Any, dense_opt: Any, epoch: int, run_id: str) -> None:
+    """Atomic: the folder appears complete (with its manifest) or not at all."""
     from ...distributed import checkpoint
 
-    path = out / CHECKPOINTS / f"epoch_{epoch}"
-    if _rank0() and path.exists():
-        shutil.rmtree(path)  # a stale partial write from a run that died here
-    dist.barrier()
-    checkpoint.save(model, str(path), extra=_extra(dense_opt, epoch))
+    checkpoint.save(model, str(out / CHECKPOINTS / f"epoch_{epoch}"), extra=_extra(dense_opt, epoch),
+                    info={"run_id": run_id, "epoch": epoch})
 
 
 def load_checkpoint(path: Path, model: Any, dense_opt: Any) -> int:
-    """Collective: checks the checkpoint against this model (clear error, nothing loaded), loads it."""
+    """Collective: verifies the files and checks the checkpoint against this model (clear error,
+    nothing loaded), loads it."""
     from ...distributed import checkpoint
 
     dense_opt.init_state()  # DCP loads in place: the dense state must exist first (restored by load)
     state = checkpoint.load(model, str(path), extra=_extra(dense_opt, 0))
     return int(state["app"]["epoch"])
+
+
+def _say(name: str, text: str) -> None:
+    if _rank0():
+        print(f"[{name}] {text}", flush=True)
+
+
+def _agree_on_plan(out: Path, cfg: RunConfig, resume: bool, allow_config_change: bool, missing_ok: bool) -> Plan:
+    """Collective: rank 0 reads (and for a fresh run, moves aside) the folder; every rank gets its
+    decision, or raises its error."""
+    box: list[Any] = [None]
+    if _rank0():
+        try:
+            box[0] = plan_run(out, to_dict(cfg), resume=resume, allow_config_change=allow_config_change,
+                              missing_ok=missing_ok)
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+            box[0] = e if isinstance(e, RunError) else RunError(f"{out}: {type(e).__name__}: {e}")
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], RunError):
+        raise RunError(str(box[0]))
+    return box[0]
+
+
+def resume_from(plan: Plan, model: Any, dense_opt: Any, name: str) -> int:
+    """Collective: loads the newest of ``plan.candidates`` that verifies; a damaged one is reported
+    and the next older one tried. Returns the epoch loaded."""
+    from ...distributed.checkpoint import CheckpointDamaged
+
+    damaged = []
+    for _, path in plan.candidates:
+        try:
+            epoch = load_checkpoint(path, model, dense_opt)
+        except CheckpointDamaged as e:  # every rank raises it (the problems are gathered): all move on
+            damaged.append(str(e))
+            _say(name, f"WARNING: {e}\n  -> falling back to the previous checkpoint")
+            continue
+        if damaged:
+            _say(name, f"fell back to {path} (epoch {epoch}), the newest complete and valid checkpoint")
+        return epoch
+    raise RunError(f"nothing to resume: none of the {len(plan.candidates)} checkpoints of run {plan.record.run_id} "
+                   f"is complete and valid:\n" + "\n".join(damaged))
 
 
 def _append_jsonl(path: Path, record_: dict[str, Any]) -> None:
@@ -102,13 +138,20 @@ def _truncate_metrics(path: Path, after_epoch: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def run(cfg: RunConfig, out: Path, *, resume: bool = False, base_dir: str | Path = ".") -> list[dict[str, Any]]:
-    """Trains ``cfg`` on every rank; returns the per-epoch metrics (every rank)."""
+def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change: bool = False,
+        missing_ok: bool = False, device_kind: str = "auto", base_dir: str | Path = ".") -> list[dict[str, Any]]:
+    """Trains ``cfg`` on every rank; returns the per-epoch metrics (every rank).
+
+    ``resume``: continue the run in ``out`` (same run id; see the module docstring);
+    ``missing_ok``: with nothing to resume, start it instead of failing (the study)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = select_device(device_kind)
     t = cfg.train
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
+    plan = _agree_on_plan(out, cfg, resume, allow_config_change, missing_ok)
+    for m in plan.messages:
+        _say(cfg.name, m)
+    identity = {"run_id": plan.record.run_id, "config_hash": config_hash(to_dict(cfg))}  # in every metrics line
 
     torch.manual_seed(t.seed)
     train, test = load_data(cfg.data, base_dir)
@@ -123,17 +166,15 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, base_dir: str | Path
 
         helen = Helen(model, dense_opt, rho=cfg.helen.rho, xi=cfg.helen.xi)
     first = 1
-    found = latest_checkpoint(out) if resume else None
-    if found is not None:
-        first = load_checkpoint(found[1], model, dense_opt) + 1
+    if plan.candidates:
+        first = resume_from(plan, model, dense_opt, cfg.name) + 1
         if _rank0():
             _truncate_metrics(metrics_path, first - 1)
             _truncate_metrics(diag_path, first - 1)
-            print(f"[{cfg.name}] resumed from {found[1]} (epoch {first - 1} done)", flush=True)
-    elif _rank0():
-        for p in (metrics_path, diag_path):
-            p.unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            record_resume(out, plan, first - 1, to_dict(cfg))
+            changed = f"; config changed: {sorted(plan.changes)}" if plan.changes else ""
+            print(f"[{cfg.name}] resumed from {out / CHECKPOINTS}/epoch_{first - 1} (epoch {first - 1} done, "
+                  f"run {plan.record.run_id}){changed}", flush=True)
 
     steps = steps_per_epoch(len(train), t.batch_size, world, t.max_steps_per_epoch)
     if steps < 1:
@@ -174,7 +215,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, base_dir: str | Path
         dist.all_reduce(loss_sum)
 
         result = evaluate(model, test, buckets, t.freq_buckets, t.eval_batch_size, device)
-        record_ = {"run": cfg.name, "epoch": epoch, "train_loss": float(loss_sum) / (steps * world),
+        record_ = {"run": cfg.name, **identity, "epoch": epoch, "train_loss": float(loss_sum) / (steps * world),
                    "test_auc": result.pop("auc"), "test_logloss": result.pop("logloss"),
                    "test_rows": result.pop("rows"), "test_ctr": result.pop("ctr"), "buckets": result.pop("buckets"),
                    "steps": steps, "train_seconds": seconds,
@@ -190,7 +231,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, base_dir: str | Path
                   f"{record_['test_auc']:.4f}  log loss {record_['test_logloss']:.4f}  "
                   f"({record_['samples_per_s_per_rank']:.0f} samples/s/rank)", flush=True)
         if t.checkpoint:
-            save_checkpoint(out, model, dense_opt, epoch)
+            save_checkpoint(out, model, dense_opt, epoch, plan.record.run_id)
     del model, dense_opt, helen
     gc.collect()
     return history
@@ -210,13 +251,38 @@ def evaluate(model: Any, test: Any, buckets: torch.Tensor, edges: list[int], bat
     return ev.compute()
 
 
-def init_distributed() -> None:
+def select_device(kind: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU if there is one, else the CPU; ``cuda`` (torchx ``--gpu N``) fails
+    without a GPU instead of training on the CPU unnoticed; ``cpu``: the CPU."""
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {kind!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "GPUs were asked for (--device cuda; the torchx components pass it for --gpu N > 0), but "
+            f"torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build: {torch.version.cuda}; "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). Use --gpu 0 to train on the CPU.")
+    if kind == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def init_distributed(device_kind: str = "auto") -> None:
     if dist.is_initialized():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    cuda = select_device(device_kind).type == "cuda"
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
+def add_run_flags(ap: argparse.ArgumentParser, resume_help: str) -> None:
+    """The flags train and study share. Plain flags: ``--resume`` takes no value (``--resume yes``
+    is an error, not False)."""
+    ap.add_argument("--resume", action="store_true", help=resume_help)
+    ap.add_argument("--allow-config-change", action="store_true",
+                    help="with --resume: go on with a changed config (recorded in config.json's history)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: a GPU per rank if there is one; cuda: fail without one (torchx --gpu N)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -225,18 +291,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. train.epochs=2 (repeatable)")
     ap.add_argument("--out", help="run directory (default runs/<config name>)")
-    ap.add_argument("--resume", action="store_true", help="continue after the newest checkpoint in --out")
+    add_run_flags(ap, "continue the run in --out after its newest valid checkpoint (fails if there is none)")
     return ap
 
 
 @record
 def main(argv: Optional[list[str]] = None) -> None:
     args = parser().parse_args(argv)
+    if args.allow_config_change and not args.resume:
+        raise SystemExit("--allow-config-change only applies with --resume")
     cfg = load_config(args.config, args.set)  # before init: a bad config fails fast on every rank
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    init_distributed()
+    init_distributed(args.device)
     try:
-        run(cfg, Path(args.out or f"runs/{cfg.name}"), resume=args.resume)
+        run(cfg, Path(args.out or f"runs/{cfg.name}"), resume=args.resume,
+            allow_config_change=args.allow_config_change, device_kind=args.device)
     finally:
         dist.destroy_process_group()
 
