@@ -210,7 +210,7 @@ def test_gpus_asked_for_without_a_gpu_is_an_error():
     from torchrec_adaptive.apps.dlrm.train import select_device
     from torchx.specs.builders import materialize_appdef
 
-    args = " ".join(materialize_appdef(components.dlrm, ["--gpu", "1"]).roles[0].args)
+    args = " ".join(materialize_appdef(components.dlrm, ["--gpu", "2"]).roles[0].args)
     assert "--device cuda" in args
     assert "--device cpu" in " ".join(materialize_appdef(components.dlrm, []).roles[0].args)
     if torch.cuda.is_available():
