@@ -209,6 +209,9 @@ def evaluate(model: Any, batches: Any, edges: list[int], device: torch.device) -
 
 
 def init_distributed() -> None:
+    from .quiet import quiet_console
+
+    quiet_console()  # before TorchRec's planner and DMP run: a newcomer sees progress and results
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
