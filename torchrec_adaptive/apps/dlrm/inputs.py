@@ -128,6 +128,7 @@ def _convert_into(cfg: DataConfig, base_dir: Path, target: Path) -> None:
     from .data.synthetic import write_synthetic
 
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    print(f"[data] converting {cfg.kind} data once into {target} (later runs reuse it)", flush=True)
     if cfg.kind == "synthetic":
         write_synthetic(cfg.synthetic, tmp)
     else:
