@@ -63,6 +63,9 @@ def stream_one_rank(root: Path, batch: int, world: int = 2) -> Dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
+    import torchrec.datasets.utils  # noqa: F401  (imported by the app before training; not input time)
+    import torchrec.sparse.jagged_tensor  # noqa: F401
+
     from torchrec_adaptive.apps.dlrm.config import DataConfig
     from torchrec_adaptive.apps.dlrm.inputs import open_data, steps_per_epoch
 

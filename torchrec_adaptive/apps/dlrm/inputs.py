@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .config import DataConfig
 from .data.criteo_npy import NpySource
-from .data.format import COUNTS, Chunk, DataError, DatasetMeta, IdCounts, id_buckets
+from .data.format import COUNTS, FORMAT_VERSION, Chunk, DataError, DatasetMeta, IdCounts, id_buckets
 from .data.stream import ParquetSource, Prefetch, Source, eval_chunks, to_batch, train_chunks, train_steps
 
 steps_per_epoch = train_steps
@@ -119,7 +119,7 @@ def _inputs_identity(cfg: DataConfig, base_dir: Path) -> list[Any]:
 def cache_key(cfg: DataConfig, base_dir: Path) -> str:
     d = asdict(cfg)
     d.pop("cache_dir", None), d.pop("shuffle_rows", None), d.pop("prefetch", None)
-    text = json.dumps([d, _inputs_identity(cfg, base_dir)], sort_keys=True, default=str)
+    text = json.dumps([FORMAT_VERSION, d, _inputs_identity(cfg, base_dir)], sort_keys=True, default=str)
     return f"{cfg.kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 

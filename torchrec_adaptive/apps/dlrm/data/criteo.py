@@ -35,6 +35,7 @@ def criteo_meta(vocab_sizes: int | Sequence[int]) -> DatasetMeta:
 
 def criteo_tsv_chunks(path: str | Path, meta: DatasetMeta) -> Iterator[Chunk]:
     """The file as Chunks of one CSV block each; errors name the file, the data row (from 1) and the column."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     path = Path(path)
@@ -48,11 +49,11 @@ def criteo_tsv_chunks(path: str | Path, meta: DatasetMeta) -> Iterator[Chunk]:
         dense = np.zeros((n, NUM_INT), np.float32)
         for j in range(NUM_INT):
             col = block.column(f"I{j + 1}")
-            ok = pc.match_substring_regex(col, r"^(-?[0-9]+)?$")
-            if not pc.all(ok).as_py():
-                i = first_bad(pc.invert(ok))
-                raise DataError(f"{where(i)}: column {2 + j} (I{j + 1}) is not an integer: {col[i].as_py()!r}")
-            v = pc.cast(pc.if_else(pc.equal(col, ""), "0", col), "int64").to_numpy(zero_copy_only=False)
+            try:
+                v = pc.cast(pc.if_else(pc.equal(col, ""), "0", col), "int64").to_numpy(zero_copy_only=False)
+            except pa.ArrowInvalid:  # Arrow does not say which row: find it
+                i = first_bad(pc.invert(pc.match_substring_regex(col, r"^(-?[0-9]+)?$")))
+                raise DataError(f"{where(i)}: column {2 + j} (I{j + 1}) is not an integer: {col[i].as_py()!r}") from None
             dense[:, j] = log1p_clipped(v)
         sparse = np.zeros((n, NUM_CAT), np.int64)
         for j, name in enumerate(CAT_NAMES):

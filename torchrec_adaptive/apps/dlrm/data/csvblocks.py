@@ -31,15 +31,27 @@ def csv_blocks(path: Path, *, column_names: Optional[Sequence[str]] = None, deli
     parse = pcsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=True)
     conv = pcsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False,
                                include_columns=list(include) if include is not None else None)
+
+    def blocks() -> Iterator:
+        try:
+            reader = pcsv.open_csv(pa.input_stream(str(path), compression="detect"), read_options=read,
+                                   parse_options=parse, convert_options=conv)
+            for batch in reader:
+                yield pa.Table.from_batches([batch])
+        except (pa.ArrowInvalid, pa.ArrowKeyError) as e:  # e.g. a row with the wrong number of columns
+            if "Empty CSV file" in str(e):
+                return  # the caller says "no rows" in its terms
+            raise DataError(f"{path}: {e}") from None
+
+    # Parsing runs one block ahead in a thread (Arrow releases the GIL), overlapping the
+    # caller's hashing and writing of the block before.
+    from .stream import Prefetch
+
+    it = Prefetch(blocks, depth=2)
     try:
-        reader = pcsv.open_csv(pa.input_stream(str(path), compression="detect"), read_options=read,
-                               parse_options=parse, convert_options=conv)
-        for batch in reader:
-            yield pa.Table.from_batches([batch])
-    except (pa.ArrowInvalid, pa.ArrowKeyError) as e:  # e.g. a row with the wrong number of columns
-        if "Empty CSV file" in str(e):
-            return  # the caller says "no rows" in its terms
-        raise DataError(f"{path}: {e}") from None
+        yield from it
+    finally:
+        it.close()
 
 
 def header(path: Path, delimiter: str) -> list[str]:

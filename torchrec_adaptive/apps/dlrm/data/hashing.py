@@ -45,7 +45,10 @@ def _bytes(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN001
 
 def crc32(values) -> np.ndarray:  # noqa: ANN001
     """``zlib.crc32`` of every string's UTF-8 bytes, one byte position at a time across all strings."""
-    start, lens, data = _bytes(values)
+    return _crc32(*_bytes(values))
+
+
+def _crc32(start: np.ndarray, lens: np.ndarray, data: np.ndarray) -> np.ndarray:
     crc = np.full(len(lens), 0xFFFFFFFF, np.uint32)
     for j in range(int(lens.max()) if len(lens) else 0):
         act = np.nonzero(lens > j)[0]
@@ -56,7 +59,12 @@ def crc32(values) -> np.ndarray:  # noqa: ANN001
 
 def parse_hex(values) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """(value as uint64, bad) for hex strings of up to 16 digits; bad marks anything else."""
-    start, lens, data = _bytes(values)
+    return _parse_hex(*_bytes(values))
+
+
+def _parse_hex(start: np.ndarray, lens: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # One digit position at a time over the strings that long (measured faster than one
+    # [strings, 16] nibble matrix: most IDs are 8 digits).
     out = np.zeros(len(lens), np.uint64)
     bad = lens > 16
     for j in range(min(int(lens.max()) if len(lens) else 0, 16)):
@@ -74,16 +82,15 @@ def hashed_ids(column, vocab: int, rule: str) -> tuple[np.ndarray, int | None]: 
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     enc = column.dictionary_encode()
-    uniq, idx = enc.dictionary, enc.indices.to_numpy(zero_copy_only=False)
-    empty = np.asarray(uniq.to_numpy(zero_copy_only=False) == "", bool)
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    start, lens, data = _bytes(enc.dictionary)
+    empty = lens == 0
     if rule == "crc32":
-        h, bad = crc32(uniq).astype(np.int64), np.zeros(len(uniq), bool)
+        h = 1 + _crc32(start, lens, data).astype(np.int64) % (vocab - 1)
+        bad = np.zeros(len(lens), bool)
     else:
-        v, bad = parse_hex(uniq)
-        h = (v % np.uint64(vocab - 1)).astype(np.int64) if vocab > 1 else np.zeros(len(uniq), np.int64)
-        bad &= ~empty
-    ids = np.where(empty, 0, 1 + (h % (vocab - 1) if rule == "crc32" else h))
-    first_bad = None
-    if bad.any():
-        first_bad = int(np.nonzero(bad[idx])[0][0])
-    return ids[idx].astype(np.int64), first_bad
+        v, bad = _parse_hex(start, lens, data)
+        h = 1 + (v % np.uint64(vocab - 1)).astype(np.int64)
+    h[empty] = 0
+    first_bad = int(np.nonzero(bad[idx])[0][0]) if bad.any() else None
+    return h[idx], first_bad
