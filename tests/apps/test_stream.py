@@ -172,3 +172,25 @@ def test_synthetic_is_deterministic_chunked_long_tailed_and_calibrated(tmp_path)
     top = np.sort(counts)[::-1]
     assert top[0] > 50 * max(top[500], 1)  # Zipf head vs tail
     assert float((counts == 0).mean()) > 0.2 or float((counts < 3).mean()) > 0.3  # a long tail of rare IDs
+
+
+def test_npy_days_stream_and_count_their_ids_without_a_counts_file(tmp_path):
+    from torchrec_adaptive.apps.dlrm.data.criteo_npy import NpySource, npy_paths
+    from torchrec_adaptive.apps.dlrm.data.format import id_buckets
+    from torchrec_adaptive.apps.dlrm.inputs import ClickSource
+
+    g = np.random.default_rng(0)
+    for day, n in (("day_0", 300), ("day_1", 200)):
+        d, s, lab = npy_paths(tmp_path / day)
+        np.save(d, g.standard_normal((n, 13)).astype(np.float32))
+        np.save(s, g.integers(0, 2**40, (n, 26)))
+        np.save(lab, g.integers(0, 2, (n, 1)).astype(np.int32))
+    src = NpySource(tmp_path, vocab_size=50, chunk_rows=64)
+    rows = Chunk.concat([src.read(u, 0, n) for u, n in src.units])
+    assert len(rows) == 500 and rows.sparse.max() < 50
+    got = ClickSource(src, src, None).id_buckets([1, 3])  # counted in a pass over the training rows
+    want = id_buckets([np.bincount(rows.sparse[:, f], minlength=50) for f in range(26)], [1, 3])
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    shares = [[float(x) for c in train_chunks(src, 32, epoch=3, seed=1, shuffle=True, rank=r, world=2, steps=7,
+                                              shuffle_rows=100) for x in c.dense[:, 0]] for r in range(2)]
+    assert len(set(shares[0] + shares[1])) == 2 * 7 * 32 and set(shares[0]) <= {float(x) for x in rows.dense[:, 0]}
