@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
@@ -34,7 +35,8 @@ from torchrec.distributed.planner.shard_estimators import (
     _calculate_optimizer_sizes,
 )
 from torchrec.distributed.planner.types import CollectiveType, ParameterConstraints, ShardEstimator, ShardingOption
-from torchrec.distributed.planner.types import SharderDataMap
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, SharderDataMap, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -242,14 +244,21 @@ def adaptive_planner(model: nn.Module, topology: Topology, *, batch_size: int = 
     cons = adaptive_constraints(model, constraints)
     estimator = AdaptiveKernelEstimator(topology, cons)
     enumerator = EmbeddingEnumerator(topology, batch_size, cons, estimator=estimator)
+    # TorchRec deprecates its default HeuristicalStorageReservation (it over-estimates dense
+    # tensors); the fixed percentage is what it recommends, with the same 15 % margin.
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=cons,
-                                    enumerator=enumerator, debug=False)
+                                    enumerator=enumerator, storage_reservation=FixedPercentageStorageReservation(0.15),
+                                    debug=False)
 
 
 def plan(model: nn.Module, pg: dist.ProcessGroup, *, compute_device: str = "cpu", batch_size: int = 512,
          constraints: Optional[Dict[str, ParameterConstraints]] = None) -> ShardingPlan:
     """Collective plan for ``model`` over ``pg`` (every rank must call it), our tables on ``customized_kernel``."""
-    topology = Topology(world_size=dist.get_world_size(pg), compute_device=compute_device,
-                        local_world_size=dist.get_world_size(pg))
+    world = dist.get_world_size(pg)
+    # Through TorchRec's TopologyFactory, as it asks; ranks per node from torchrun's
+    # LOCAL_WORLD_SIZE (multi-node jobs have inter-host links the cost model must see).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=min(local, world)),
+                                               kernel_config=KernelConfig(compute_device=compute_device))
     planner = adaptive_planner(model, topology, batch_size=batch_size, constraints=constraints)
     return planner.collective_plan(model, sharders(offer_customized_kernel=True, offer_data_parallel=True), pg)

@@ -56,11 +56,16 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the click log comes from.
 
-    ``kind``: ``synthetic`` (built in, no download), ``criteo_tsv`` (Kaggle ``train.txt``
-    or 1TB ``day_*``, ``.gz`` too), ``criteo_npy`` (TorchRec's ``day_*_{dense,sparse,labels}.npy``),
-    ``avazu`` (``train.csv``), ``tabular`` (CSV or Parquet described by ``schema``).
-    Without a ``test`` file, the last ``test_fraction`` of ``train`` is held out (never
-    trained on: unlike upstream dlrm_main's Kaggle mode, evaluation never sees training rows).
+    ``kind``: ``parquet`` (a directory made by ``python -m torchrec_adaptive.apps.dlrm.data.convert``:
+    ``train`` and ``test`` name its split directories; any size, streamed), ``criteo_npy``
+    (TorchRec's ``day_*_{dense,sparse,labels}.npy``: ``train``/``test`` a day prefix or a
+    directory of days; streamed), and, converted to Parquet once into ``cache_dir`` by the
+    same converter: ``synthetic`` (built in, no download), ``criteo_tsv`` (Kaggle ``train.txt``
+    or 1TB ``day_*``, ``.gz`` too), ``avazu`` (``train.csv``), ``tabular`` (CSV or Parquet
+    described by ``schema``). For those, without a ``test`` file the last ``test_fraction``
+    of ``train`` is held out (never trained on: unlike upstream dlrm_main's Kaggle mode,
+    evaluation never sees training rows). ``shuffle_rows``: the per-rank shuffle buffer;
+    ``prefetch``: batches read ahead by the input thread (see ``data/stream.py``).
     """
 
     kind: str = "synthetic"
@@ -72,6 +77,9 @@ class DataConfig:
     max_rows: Optional[int] = None
     schema: Optional[str] = None
     npy_ids: str = "raw"  # criteo_npy: "raw" hashed IDs (hashed like the TSV reader) or "contiguous"
+    cache_dir: Optional[str] = None  # converted raw logs / synthetic set; None: <run dir>/../.data_cache
+    shuffle_rows: int = 262_144
+    prefetch: int = 4
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-DATA_KINDS = ("synthetic", "criteo_tsv", "criteo_npy", "avazu", "tabular")
+DATA_KINDS = ("synthetic", "parquet", "criteo_tsv", "criteo_npy", "avazu", "tabular")
 ARCHS = ("dlrm", "dlrm_dcn")
 OURS = ("adam", "adamar", "rowwise_adagrad")
 STOCK = ("stock_rowwise_adagrad", "stock_adam")
@@ -284,6 +292,10 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
     need(0.0 < d.test_fraction < 1.0, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     need(d.vocab_size >= 2, f"data.vocab_size must be >= 2, got {d.vocab_size}")
     need(d.npy_ids in ("raw", "contiguous"), f"data.npy_ids must be 'raw' or 'contiguous', got {d.npy_ids!r}")
+    need(d.kind not in ("parquet", "criteo_npy") or d.test is not None,
+         f"data.test is required for data.kind {d.kind!r} (a converted data set has its test split; "
+         f"the converter's --test-fraction holds one out)")
+    need(d.shuffle_rows >= 1 and d.prefetch >= 1, "data.shuffle_rows and data.prefetch must be >= 1")
     need(m.arch in ARCHS, f"model.arch must be one of {ARCHS}, got {m.arch!r}")
     need(m.embedding_dim >= 1, f"model.embedding_dim must be >= 1, got {m.embedding_dim}")
     need(bool(m.dense_arch) and m.dense_arch[-1] == m.embedding_dim,

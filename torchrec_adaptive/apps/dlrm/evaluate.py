@@ -1,6 +1,6 @@
 """Test AUC and log loss, overall and per frequency bucket, with torchmetrics.
 
-A test row's bucket is the training count of its rarest ID (``inputs.rarest_id_count``):
+A test row's bucket is the training count of its rarest ID (``inputs.rarest_bucket``):
 one-epoch overfitting and the optimizers that fight it act on rare IDs, so that is
 where their effect should show. ``compute()`` of a torchmetrics ``Metric`` is a
 collective (it gathers every rank's state), so :meth:`Evaluator.compute` must run on

@@ -1,113 +1,177 @@
 """From a data config to per-rank TorchRec batches, and the frequency buckets of the test set.
 
-Every rank reads the whole data set (the built-in synthetic set is regenerated from
-its seed; the file readers hold the samples and modest files this app targets) and
-trains on its share, rows ``i`` with ``i % world == rank`` of each epoch's permutation.
-All ranks take the same number of steps (``(rows // world) // batch``): a sharded
-forward is a collective, so a rank with one batch more would wait forever.
+One code path for every kind of data: the app trains from the Parquet format of
+``data/format.py`` (``kind: parquet``, a converted directory) or TorchRec's npy days
+(``kind: criteo_npy``), streamed and sharded by ``data/stream.py``. The other kinds
+(``synthetic``, ``criteo_tsv``, ``avazu``, ``tabular``) are converted to Parquet first,
+once, by the converter's own code, into a cache directory keyed by the data config and
+the input files' sizes and times (``data.cache_dir``, default ``<run dir>/../.data_cache``):
+the built-in synthetic set of the README's study is generated once and shared by its
+runs. On each node, local rank 0 converts; the other ranks wait at a barrier.
+
+The frequency buckets of a test row need the training count of every ID: the
+converter writes them beside the train split (``_counts.npz``); for npy days the ranks
+count their shares of the training rows in one streaming pass and all-reduce them.
+They are held as one byte per ID (the ID's bucket), not as counts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .config import DataConfig
-from .data import ClickData, DataError, make_synthetic, read_avazu, read_criteo_tsv
-from .data.criteo_npy import read_criteo_npy
-from .data.tabular import read_schema, read_tabular
+from .data.criteo_npy import NpySource
+from .data.format import COUNTS, FORMAT_VERSION, Chunk, DataError, DatasetMeta, IdCounts, id_buckets
+from .data.stream import ParquetSource, Prefetch, Source, eval_chunks, to_batch, train_chunks, train_steps
+
+steps_per_epoch = train_steps
 
 
-def _read(cfg: DataConfig, path: str) -> ClickData:
-    if cfg.kind == "criteo_tsv":
-        return read_criteo_tsv(path, vocab_sizes=cfg.vocab_size, max_rows=cfg.max_rows)
-    if cfg.kind == "criteo_npy":
-        return read_criteo_npy(path, vocab_size=cfg.vocab_size, ids=cfg.npy_ids, max_rows=cfg.max_rows)
-    if cfg.kind == "avazu":
-        return read_avazu(path, vocab_size=cfg.vocab_size, max_rows=cfg.max_rows)
-    if cfg.kind == "tabular":
-        assert cfg.schema is not None
-        return read_tabular(path, read_schema(cfg.schema), vocab_size=cfg.vocab_size, max_rows=cfg.max_rows)
-    raise DataError(f"unknown data kind {cfg.kind!r}")
+@dataclass
+class ClickSource:
+    """A train and a test source of the same fields, and the train counts' bucket per ID."""
+
+    train: Source
+    test: Source
+    counts: Optional[list[np.ndarray]]  # per field, training count per ID (None: count on first use)
+
+    @property
+    def meta(self) -> DatasetMeta:
+        return self.train.meta
+
+    @property
+    def train_rows(self) -> int:
+        return sum(n for _, n in self.train.units)
+
+    def id_buckets(self, edges: Sequence[int], rank: int = 0, world: int = 1) -> list[np.ndarray]:
+        """Collective when the counts are not on disk (npy): every rank counts its share."""
+        counts = self.counts if self.counts is not None else _count_shares(self.train, rank, world)
+        return id_buckets(counts, edges)
+
+    def train_batches(self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, rank: int, world: int,
+                      steps: int, shuffle_rows: int, prefetch: int) -> Prefetch:
+        keys = self.meta.field_names
+        return Prefetch(lambda: (to_batch(c, keys) for c in train_chunks(
+            self.train, batch_size, epoch=epoch, seed=seed, shuffle=shuffle, rank=rank, world=world, steps=steps,
+            shuffle_rows=shuffle_rows)), depth=prefetch)
+
+    def eval_batches(self, buckets: list[np.ndarray], batch_size: int, *, rank: int, world: int,
+                     prefetch: int) -> Prefetch:
+        """(batch, bucket per row, valid per row), every test row once across ranks."""
+        keys = self.meta.field_names
+
+        def make() -> Iterator[tuple[Any, Tensor, Tensor]]:
+            for chunk, n in eval_chunks(self.test, batch_size, rank=rank, world=world):
+                valid = torch.zeros(len(chunk), dtype=torch.bool)
+                valid[:n] = True
+                yield to_batch(chunk, keys), torch.from_numpy(rarest_bucket(buckets, chunk.sparse)), valid
+
+        return Prefetch(make, depth=prefetch)
 
 
-def subset(data: ClickData, idx: Tensor) -> ClickData:
-    return ClickData(data.dense[idx], data.sparse[idx], data.labels[idx], data.field_names, data.vocab_sizes)
+def rarest_bucket(buckets: list[np.ndarray], sparse: np.ndarray) -> np.ndarray:
+    """Per row: the bucket of its rarest ID (buckets grow with the count, so the minimum bucket)."""
+    return np.stack([b[sparse[:, f]] for f, b in enumerate(buckets)], axis=1).min(axis=1).astype(np.int64)
 
 
-def load_data(cfg: DataConfig, base_dir: str | Path = ".") -> tuple[ClickData, ClickData]:
-    """(train, test). Files are relative to ``base_dir``; without ``test`` the last
-    ``test_fraction`` of ``train`` (in file order: click logs are time-ordered) is held out."""
+def _count_shares(train: Source, rank: int, world: int) -> list[np.ndarray]:
+    import torch.distributed as dist
+
+    counts = IdCounts(train.meta.vocab_sizes)
+    rows = [n for _, n in train.units]
+    for u in range(rank, len(rows), world):
+        counts.add(train.read(train.units[u][0], 0, rows[u]).sparse)
+    out = []
+    for c in counts.counts:
+        t = torch.from_numpy(c)
+        if dist.is_initialized() and world > 1:
+            dist.all_reduce(t)
+        out.append(t.numpy())
+    return out
+
+
+# --- conversion cache for raw logs and the synthetic set -----------------------------------
+
+def _inputs_identity(cfg: DataConfig, base_dir: Path) -> list[Any]:
+    out = []
+    for p in (cfg.train, cfg.test, cfg.schema):
+        if p is None:
+            out.append(None)
+            continue
+        q = base_dir / p
+        st = q.stat() if q.exists() else None
+        out.append([str(q.resolve()), st.st_size if st else None, st.st_mtime_ns if st else None])
+        if cfg.schema is not None and p == cfg.schema and q.exists():
+            out.append(q.read_text())
+    return out
+
+
+def cache_key(cfg: DataConfig, base_dir: Path) -> str:
+    d = asdict(cfg)
+    d.pop("cache_dir", None), d.pop("shuffle_rows", None), d.pop("prefetch", None)
+    text = json.dumps([FORMAT_VERSION, d, _inputs_identity(cfg, base_dir)], sort_keys=True, default=str)
+    return f"{cfg.kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _convert_into(cfg: DataConfig, base_dir: Path, target: Path) -> None:
+    from .data.convert import convert_files
+    from .data.synthetic import write_synthetic
+
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    print(f"[data] converting {cfg.kind} data once into {target} (later runs reuse it)", flush=True)
     if cfg.kind == "synthetic":
-        return make_synthetic(cfg.synthetic)
-    assert cfg.train is not None
-    resolve = lambda p: str(Path(base_dir) / p)  # noqa: E731
-    train = _read(cfg, resolve(cfg.train))
-    if cfg.test is not None:
-        test = _read(cfg, resolve(cfg.test))
-        if test.field_names != train.field_names:
-            raise DataError(f"{cfg.test}: fields {test.field_names} differ from {cfg.train}'s {train.field_names}")
-        return train, test
-    n = len(train)
-    cut = n - max(1, int(round(n * cfg.test_fraction)))
-    if cut < 1:
-        raise DataError(f"{cfg.train}: {n} rows are too few to hold out a test set")
-    return subset(train, torch.arange(cut)), subset(train, torch.arange(cut, n))
+        write_synthetic(cfg.synthetic, tmp)
+    else:
+        assert cfg.train is not None
+        convert_files(cfg.kind, [base_dir / cfg.train], tmp, test_inputs=[base_dir / cfg.test] if cfg.test else [],
+                      test_fraction=None if cfg.test else cfg.test_fraction, vocab_size=cfg.vocab_size,
+                      schema=base_dir / cfg.schema if cfg.schema else None, max_rows=cfg.max_rows, progress=False)
+    try:
+        tmp.rename(target)
+    except OSError:  # another node made it first (shared file system)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def to_batch(dense: Tensor, sparse: Tensor, labels: Tensor, keys: Sequence[str]) -> Any:
-    """One-hot fields -> TorchRec ``Batch`` (KJT values are key-major: field 0 for every row, then field 1...)."""
-    from torchrec.datasets.utils import Batch
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+def open_data(cfg: DataConfig, base_dir: str | Path = ".", cache_root: str | Path = "runs/.data_cache") -> ClickSource:
+    """Collective when a conversion is needed (every rank must call it)."""
+    import torch.distributed as dist
 
-    b, f = sparse.shape
-    kjt = KeyedJaggedTensor(keys=list(keys), values=sparse.t().reshape(-1).contiguous(),
-                            lengths=torch.ones(b * f, dtype=torch.int32))
-    return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
-
-
-def steps_per_epoch(rows: int, batch_size: int, world: int, cap: int | None = None) -> int:
-    n = (rows // world) // batch_size
-    return n if cap is None else min(n, cap)
-
-
-def train_batches(data: ClickData, batch_size: int, *, epoch: int, seed: int, shuffle: bool, rank: int, world: int,
-                  steps: int) -> Iterator[Any]:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    idx = torch.randperm(len(data), generator=gen) if shuffle else torch.arange(len(data))
-    mine = idx[rank::world]
-    for s in range(steps):
-        sel = mine[s * batch_size:(s + 1) * batch_size]
-        yield to_batch(data.dense[sel], data.sparse[sel], data.labels[sel], data.field_names)
-
-
-def eval_batches(data: ClickData, extra: Tensor, batch_size: int, *, rank: int, world: int
-                 ) -> Iterator[tuple[Any, Tensor, Tensor]]:
-    """(batch, extra[rows], valid) over this rank's share of every row, the same number of batches on
-    every rank; a rank whose share ran out gets a one-row dummy batch with ``valid`` False."""
-    mine = torch.arange(len(data))[rank::world]
-    per_rank = math.ceil(len(data) / world)
-    for s in range(math.ceil(per_rank / batch_size)):
-        sel = mine[s * batch_size:(s + 1) * batch_size]
-        valid = torch.ones(sel.numel(), dtype=torch.bool)
-        if sel.numel() == 0:
-            sel, valid = torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.bool)
-        yield to_batch(data.dense[sel], data.sparse[sel], data.labels[sel], data.field_names), extra[sel], valid
-
-
-def train_counts(train: ClickData) -> list[Tensor]:
-    """Per field, how often each ID occurs in the training set."""
-    return [torch.bincount(train.sparse[:, f], minlength=v) for f, v in enumerate(train.vocab_sizes)]
-
-
-def rarest_id_count(counts: list[Tensor], data: ClickData) -> Tensor:
-    """Per row: the training count of its rarest ID (the ID the model knows least)."""
-    per_field = torch.stack([counts[f][data.sparse[:, f]] for f in range(len(counts))], dim=1)
-    return per_field.min(dim=1).values
+    base_dir = Path(base_dir)
+    if cfg.kind == "parquet":
+        assert cfg.train is not None and cfg.test is not None
+        train, test = ParquetSource(base_dir / cfg.train), ParquetSource(base_dir / cfg.test)
+        counts_path = train.path / COUNTS
+        if not counts_path.exists():
+            raise DataError(f"{counts_path}: missing; the converter writes the training ID counts there")
+        counts = IdCounts.load(counts_path, train.meta.vocab_sizes).counts
+    elif cfg.kind == "criteo_npy":
+        assert cfg.train is not None and cfg.test is not None
+        train = NpySource(base_dir / cfg.train, cfg.vocab_size, cfg.npy_ids)
+        test, counts = NpySource(base_dir / cfg.test, cfg.vocab_size, cfg.npy_ids), None
+    else:
+        root = Path(cfg.cache_dir or cache_root) / cache_key(cfg, base_dir)
+        if not root.exists() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            root.parent.mkdir(parents=True, exist_ok=True)
+            _convert_into(cfg, base_dir, root)
+        if dist.is_initialized():
+            dist.barrier()
+        train, test = ParquetSource(root / "train"), ParquetSource(root / "test")
+        counts = IdCounts.load(root / "train" / COUNTS, train.meta.vocab_sizes).counts
+    if test.meta.field_names != train.meta.field_names or test.meta.vocab_sizes != train.meta.vocab_sizes:
+        raise DataError(f"{cfg.test}: fields {test.meta.field_names} / vocabularies differ from {cfg.train}'s")
+    return ClickSource(train, test, counts)
 
 
 def bucket_edges(edges: Sequence[int]) -> list[tuple[int, float]]:
@@ -116,5 +180,4 @@ def bucket_edges(edges: Sequence[int]) -> list[tuple[int, float]]:
     return [(lo, hi) for lo, hi in zip(lows, [*edges, math.inf])]
 
 
-def bucket_index(rarest: Tensor, edges: Sequence[int]) -> Tensor:
-    return torch.bucketize(rarest, torch.tensor(list(edges), dtype=rarest.dtype), right=True)
+__all__ = ["ClickSource", "Chunk", "bucket_edges", "open_data", "rarest_bucket", "steps_per_epoch", "to_batch"]

@@ -41,8 +41,7 @@ from ...diagnostics import row_statistics, statistics_to_json
 from ...epochs import start_epoch
 from .config import RunConfig, load_config, to_dict
 from .evaluate import Evaluator
-from .inputs import (bucket_index, eval_batches, load_data, rarest_id_count, steps_per_epoch, train_batches,
-                     train_counts)
+from .inputs import open_data, steps_per_epoch
 from .model import build_model, shard
 from .optim import dense_optimizer
 from .runs import CHECKPOINTS, Plan, RunError, config_hash, plan_run, record_resume
@@ -154,10 +153,10 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
     identity = {"run_id": plan.record.run_id, "config_hash": config_hash(to_dict(cfg))}  # in every metrics line
 
     torch.manual_seed(t.seed)
-    train, test = load_data(cfg.data, base_dir)
-    rarest = rarest_id_count(train_counts(train), test)
-    buckets = bucket_index(rarest, t.freq_buckets)
-    model, _ = build_model(cfg, train.field_names, train.vocab_sizes, train.dense.shape[1], device)
+    data = open_data(cfg.data, base_dir, out.parent / ".data_cache")  # streamed; converted once if raw
+    buckets = data.id_buckets(t.freq_buckets, rank, world)
+    meta = data.meta
+    model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, device)
     model = shard(model, cfg, device)
     dense_opt = dense_optimizer(model, cfg.dense_optimizer)
     helen = None
@@ -176,16 +175,16 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
             print(f"[{cfg.name}] resumed from {out / CHECKPOINTS}/epoch_{first - 1} (epoch {first - 1} done, "
                   f"run {plan.record.run_id}){changed}", flush=True)
 
-    steps = steps_per_epoch(len(train), t.batch_size, world, t.max_steps_per_epoch)
+    steps = steps_per_epoch(data.train_rows, t.batch_size, world, t.max_steps_per_epoch)
     if steps < 1:
-        raise ValueError(f"{len(train)} training rows give no full batch of {t.batch_size} per rank on {world} ranks")
+        raise ValueError(f"{data.train_rows} training rows give no full batch of {t.batch_size} per rank on {world} ranks")
     meda = cfg.meda
     history: list[dict[str, Any]] = []
     for epoch in range(first, t.epochs + 1):
         report = start_epoch(model, epoch, meda=meda)
         model.train()
-        batches = train_batches(train, t.batch_size, epoch=epoch, seed=t.seed, shuffle=t.shuffle, rank=rank,
-                                world=world, steps=steps)
+        batches = data.train_batches(t.batch_size, epoch=epoch, seed=t.seed, shuffle=t.shuffle, rank=rank, world=world,
+                                     steps=steps, shuffle_rows=cfg.data.shuffle_rows, prefetch=cfg.data.prefetch)
         loss_sum = torch.zeros((), dtype=torch.float64)
         dist.barrier()
         t0 = time.perf_counter()
@@ -214,7 +213,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
         seconds = time.perf_counter() - t0
         dist.all_reduce(loss_sum)
 
-        result = evaluate(model, test, buckets, t.freq_buckets, t.eval_batch_size, device)
+        result = evaluate(model, data.eval_batches(buckets, t.eval_batch_size, rank=rank, world=world,
+                                                   prefetch=cfg.data.prefetch), t.freq_buckets, device)
         record_ = {"run": cfg.name, **identity, "epoch": epoch, "train_loss": float(loss_sum) / (steps * world),
                    "test_auc": result.pop("auc"), "test_logloss": result.pop("logloss"),
                    "test_rows": result.pop("rows"), "test_ctr": result.pop("ctr"), "buckets": result.pop("buckets"),
@@ -238,13 +238,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
 
 
 @torch.no_grad()
-def evaluate(model: Any, test: Any, buckets: torch.Tensor, edges: list[int], batch_size: int,
-             device: torch.device) -> dict[str, Any]:
-    """Collective: every rank scores its share of the test set; the metrics gather all shares."""
+def evaluate(model: Any, batches: Any, edges: list[int], device: torch.device) -> dict[str, Any]:
+    """Collective: every rank scores its share of the test set (``batches``); the metrics gather all shares."""
     model.eval()
     ev = Evaluator(edges, device)
-    for batch, bucket, valid in eval_batches(test, buckets, batch_size, rank=dist.get_rank(),
-                                             world=dist.get_world_size()):
+    for batch, bucket, valid in batches:
         _, (_, logits, labels) = model(batch.to(device))
         ev.update(logits, labels, bucket.to(device), valid.to(device))
     model.train()
@@ -267,6 +265,9 @@ def select_device(kind: str = "auto") -> torch.device:
 
 
 def init_distributed(device_kind: str = "auto") -> None:
+    from .quiet import quiet_console
+
+    quiet_console()  # before TorchRec's planner and DMP run: a newcomer sees progress and results
     if dist.is_initialized():
         return
     cuda = select_device(device_kind).type == "cuda"

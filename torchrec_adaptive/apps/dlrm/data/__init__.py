@@ -1,8 +1,7 @@
-"""Click-log data for the DLRM app: one in-memory layout, several readers."""
+"""Click-log data for the DLRM app: readers of raw logs (chunks), the Parquet training format,
+its converter, and the streaming, rank-sharded input."""
 
-from .avazu import read_avazu
-from .criteo import read_criteo_tsv
-from .dataset import ClickData, DataError
-from .synthetic import SyntheticConfig, make_synthetic
+from .format import Chunk, DataError, DatasetMeta
+from .synthetic import SyntheticConfig, write_synthetic
 
-__all__ = ["ClickData", "DataError", "SyntheticConfig", "make_synthetic", "read_avazu", "read_criteo_tsv"]
+__all__ = ["Chunk", "DataError", "DatasetMeta", "SyntheticConfig", "write_synthetic"]

@@ -8,54 +8,59 @@ machines, unlike Python's ``hash``) to 1 + crc % (vocab - 1); 0 is "missing".
 
 from __future__ import annotations
 
-import csv
-import datetime
-import gzip
-import zlib
 from pathlib import Path
+from typing import Iterator
 
-import torch
+import numpy as np
 
-from .dataset import ClickData, DataError
+from .csvblocks import csv_blocks, first_bad, header, label_values
+from .format import Chunk, DataError, DatasetMeta
+from .hashing import hashed_ids
 
 REQUIRED = ("id", "click", "hour")
 
 
-def read_avazu(path: str | Path, vocab_size: int = 100_000, max_rows: int | None = None) -> ClickData:
+def avazu_meta(path: str | Path, vocab_size: int) -> DatasetMeta:
+    """The fields of this file (its header decides the categorical columns)."""
     path = Path(path)
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as f:  # type: ignore[operator]
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DataError(f"{path}: empty file (no header)")
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing} in the header")
-        click, hour = header.index("click"), header.index("hour")
-        cat_cols = [i for i, c in enumerate(header) if c not in REQUIRED]
-        names = tuple(header[i] for i in cat_cols) + ("hour_of_day", "weekday")
-        labels, dense, sparse = [], [], []
-        for lineno, row in enumerate(reader, start=2):
-            if max_rows is not None and len(labels) >= max_rows:
-                break
-            if len(row) != len(header):
-                raise DataError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}")
-            if row[click] not in ("0", "1"):
-                raise DataError(f"{path}:{lineno}: column 'click' must be 0 or 1, got {row[click]!r}")
-            try:
-                h = row[hour]
-                when = datetime.datetime.strptime(h, "%y%m%d%H")
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: column 'hour' must be YYMMDDHH, got {row[hour]!r}") from None
-            labels.append(float(row[click]))
-            dense.append([when.hour / 23.0, when.weekday() / 6.0])
-            ids = [1 + zlib.crc32(row[i].encode()) % (vocab_size - 1) if row[i] else 0 for i in cat_cols]
-            sparse.append(ids + [1 + when.hour, 1 + when.weekday()])
-    if not labels:
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    cols = header(path, ",")
+    missing = [c for c in REQUIRED if c not in cols]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} in the header")
+    cats = tuple(c for c in cols if c not in REQUIRED)
+    return DatasetMeta(cats + ("hour_of_day", "weekday"), (vocab_size,) * len(cats) + (25, 8), 2)
+
+
+def avazu_chunks(path: str | Path, meta: DatasetMeta) -> Iterator[Chunk]:
+    import pyarrow.compute as pc
+
+    path = Path(path)
+    cats = meta.field_names[:-2]
+    rows = 0
+    for block in csv_blocks(path):
+        n = block.num_rows
+        where = lambda i: f"{path}: row {rows + i + 1}"  # noqa: E731
+        labels, bad = label_values(block.column("click"), ("0", "1"))
+        if bad is not None:
+            raise DataError(f"{where(bad)}: column 'click' must be 0 or 1, got {block.column('click')[bad].as_py()!r}")
+        hour = block.column("hour")
+        when = pc.strptime(hour, format="%y%m%d%H", unit="s", error_is_null=True)
+        ok = pc.and_(pc.is_valid(when), pc.equal(pc.utf8_length(hour), 8))
+        if not pc.all(ok).as_py():
+            i = first_bad(pc.invert(ok))
+            raise DataError(f"{where(i)}: column 'hour' must be YYMMDDHH, got {hour[i].as_py()!r}")
+        h = pc.hour(when).to_numpy(zero_copy_only=False).astype(np.int64)
+        wd = pc.day_of_week(when).to_numpy(zero_copy_only=False).astype(np.int64)  # Monday = 0, as datetime's
+        sparse = np.zeros((n, len(meta.field_names)), np.int64)
+        for j, c in enumerate(cats):
+            sparse[:, j] = hashed_ids(block.column(c), meta.vocab_sizes[j], "crc32")[0]
+        sparse[:, -2], sparse[:, -1] = 1 + h, 1 + wd
+        dense = np.stack([h / 23.0, wd / 6.0], axis=1).astype(np.float32)
+        rows += n
+        yield Chunk(dense, sparse, labels)
+    if rows == 0:
         raise DataError(f"{path}: no data rows")
-    vocabs = (vocab_size,) * len(cat_cols) + (25, 8)
-    return ClickData(torch.tensor(dense, dtype=torch.float32), torch.tensor(sparse, dtype=torch.int64),
-                     torch.tensor(labels), names, vocabs)

@@ -10,25 +10,25 @@ Schema (YAML)::
 
 Categorical values are hashed as strings with CRC32 to 1 + crc % (vocab - 1) (0 is
 "missing"), the same rule as the Avazu reader, so "12" and "12.0" are different IDs:
-a column's string form is its identity. DLRM needs a dense input; without dense
-columns a constant 0 feature is added. CSV goes through the ``csv`` module (so an
-error can name its line); Parquet through pyarrow (errors name the row).
+a column's string form is its identity (Parquet numbers take the text Arrow prints
+for them, 12.0 -> "12"; booleans "1"/"0"). DLRM needs a dense input; without dense
+columns a constant 0 feature is added. CSV is read with pyarrow's streaming CSV
+reader, Parquet with ``pyarrow.dataset``, a block at a time; errors name the file,
+the data row (from 1) and the column.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import math
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
+import numpy as np
 import yaml
 
-from .dataset import ClickData, DataError
+from .csvblocks import csv_blocks, header, label_values
+from .format import Chunk, DataError, DatasetMeta, log1p_clipped
+from .hashing import hashed_ids
 
 
 @dataclass(frozen=True)
@@ -75,84 +75,89 @@ def read_schema(path: str | Path) -> TabularSchema:
                          vocab_size=raw.get("vocab_size"), source=str(path))
 
 
-def _hash(value: str, vocab: int) -> int:
-    return 1 + zlib.crc32(value.encode()) % (vocab - 1) if value != "" else 0
+def tabular_meta(schema: TabularSchema, vocab_size: int) -> DatasetMeta:
+    vocab = schema.vocab_size or vocab_size
+    return DatasetMeta(tuple(schema.categorical), (vocab,) * len(schema.categorical), max(1, len(schema.dense)))
 
 
-def _rows_csv(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", newline="") as f:  # type: ignore[operator]
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: empty file (no header)")
-        yield "header", {c: c for c in reader.fieldnames}
-        for row in reader:
-            if None in row or any(v is None for v in row.values()):
-                raise DataError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} columns")
-            yield f"{path}:{reader.line_num}", row
-
-
-def _rows_parquet(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    import pyarrow.parquet as pq  # only Parquet users need pyarrow at import time
+def _blocks(path: Path, schema: TabularSchema) -> Iterator[Any]:
+    """Tables of string columns (CSV text as is; Parquet values in the text a CSV of them would hold)."""
+    cols = list(schema_columns(schema))
+    if path.suffix != ".parquet":
+        have = header(path, ",")
+        _check_columns(path, schema, have)
+        yield from csv_blocks(path, include=cols)
+        return
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
 
     try:
-        table = pq.read_table(path)
+        data = ds.dataset(str(path), format="parquet")
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-    yield "header", {c: c for c in table.column_names}
-    columns = {c: table.column(c).to_pylist() for c in table.column_names}
-    for i in range(table.num_rows):
-        yield f"{path}: row {i}", {c: ("" if v[i] is None else _text(v[i])) for c, v in columns.items()}
+    _check_columns(path, schema, data.schema.names)
+    for batch in data.to_batches(columns=cols):
+        out = {}
+        for c in cols:
+            col = batch.column(c)
+            if pa.types.is_boolean(col.type):
+                col = col.cast(pa.int8())  # True -> "1", as a CSV of it would say
+            out[c] = pc.fill_null(col.cast(pa.string()), "")  # 12.0 -> "12": Arrow prints the shortest form
+        yield pa.table(out)
 
 
-def _text(v: Any) -> str:
-    """A Parquet value's string form, matching how the same value reads from a CSV."""
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
+def _check_columns(path: Path, schema: TabularSchema, have: Sequence[str]) -> None:
+    missing = [c for c in schema_columns(schema) if c not in have]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} (the schema {schema.source} names them; "
+                        f"the file has {sorted(have)})")
 
 
-def read_tabular(path: str | Path, schema: TabularSchema, vocab_size: int = 100_000,
-                 max_rows: int | None = None) -> ClickData:
+_LABELS = ("0", "1", "0.0", "1.0", "true", "false", "True", "False")
+
+
+def tabular_chunks(path: str | Path, schema: TabularSchema, meta: DatasetMeta) -> Iterator[Chunk]:
+    import pyarrow.compute as pc
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
-    vocab = schema.vocab_size or vocab_size
-    parquet = path.suffix == ".parquet"
-    rows = _rows_parquet(path) if parquet else _rows_csv(path)
-    _, header = next(rows)
-    missing = [c for c in (schema.label, *schema.categorical, *schema.dense) if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing} (the schema {schema.source} names them; "
-                        f"the file has {sorted(header)})")
-    labels: list[float] = []
-    dense: list[list[float]] = []
-    sparse: list[list[int]] = []
-    for where, row in rows:
-        if max_rows is not None and len(labels) >= max_rows:
-            break
-        y = row[schema.label].strip()
-        if y not in ("0", "1", "0.0", "1.0", "true", "false", "True", "False"):
-            raise DataError(f"{where}: column {schema.label!r} (label) must be 0 or 1, got {row[schema.label]!r}")
-        labels.append(1.0 if y in ("1", "1.0", "true", "True") else 0.0)
-        d = []
-        for c in schema.dense:
-            v = row[c].strip()
+    rows = 0
+    for block in _blocks(path, schema):
+        n = block.num_rows
+        where = lambda i: f"{path}: row {rows + i + 1}"  # noqa: E731
+        y = block.column(schema.label)
+        labels, bad = label_values(y, _LABELS, ones=("1", "1.0", "true", "True"))
+        if bad is not None:
+            raise DataError(f"{where(bad)}: column {schema.label!r} (label) must be 0 or 1, got {y[bad].as_py()!r}")
+        dense = np.zeros((n, meta.num_dense), np.float32)
+        for j, c in enumerate(schema.dense):
+            text = pc.utf8_trim_whitespace(block.column(c))
             try:
-                x = float(v) if v else 0.0
-            except ValueError:
-                raise DataError(f"{where}: column {c!r} (dense) is not a number: {row[c]!r}") from None
-            if not math.isfinite(x):
-                raise DataError(f"{where}: column {c!r} (dense) is not finite: {row[c]!r}")
-            d.append(math.log1p(max(x, 0.0)) if schema.dense_transform == "log1p" else x)
-        dense.append(d or [0.0])
-        sparse.append([_hash(row[c], vocab) for c in schema.categorical])
-    if not labels:
+                x = pc.cast(pc.if_else(pc.equal(text, ""), "0", text), "float64").to_numpy(zero_copy_only=False)
+            except Exception:  # find the row Arrow would not name
+                i = next(i for i, v in enumerate(text.to_pylist()) if not _is_number(v))
+                raise DataError(f"{where(i)}: column {c!r} (dense) is not a number: {block.column(c)[i].as_py()!r}") from None
+            if not np.isfinite(x).all():
+                i = int(np.nonzero(~np.isfinite(x))[0][0])
+                raise DataError(f"{where(i)}: column {c!r} (dense) is not finite: {block.column(c)[i].as_py()!r}")
+            dense[:, j] = log1p_clipped(x) if schema.dense_transform == "log1p" else x
+        sparse = np.zeros((n, len(schema.categorical)), np.int64)
+        for j, c in enumerate(schema.categorical):
+            sparse[:, j] = hashed_ids(block.column(c), meta.vocab_sizes[j], "crc32")[0]
+        rows += n
+        yield Chunk(dense, sparse, labels)
+    if rows == 0:
         raise DataError(f"{path}: no data rows")
-    return ClickData(torch.tensor(dense, dtype=torch.float32), torch.tensor(sparse, dtype=torch.int64),
-                     torch.tensor(labels), tuple(schema.categorical), (vocab,) * len(schema.categorical))
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v or "0")
+        return True
+    except ValueError:
+        return False
 
 
 def schema_columns(schema: TabularSchema) -> Sequence[str]:
