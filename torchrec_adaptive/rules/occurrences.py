@@ -18,8 +18,10 @@ How (every piece is a public torch hook):
 2. That hook ignores every module but ``nn.EmbeddingBag``; when an
    ``nn.EmbeddingBag``'s ``weight`` is pending, it records that call and installs
    a forward hook on that module alone. Once nothing is pending the global hook
-   removes itself (tables that are sharded instead are never called; their
-   pending entries go with their parameters).
+   removes itself. Tables built on the meta device (TorchRec's way to shard without
+   materializing) are not tracked; a materialized table that is sharded instead is
+   never called, so its entry stays pending until its parameter is freed (meanwhile
+   every module call runs through torch's hook path and one ``isinstance`` check).
 3. The per-module hook attaches the call's IDs to the *gradient* of its output
    (``Tensor.register_hook``): IDs count only for forwards that are trained on.
    Evaluation (``torch.no_grad``, or an output never backpropagated) counts nothing.

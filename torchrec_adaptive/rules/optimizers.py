@@ -76,7 +76,7 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
-            if p.dim() == 2:
+            if p.dim() == 2 and p.device.type != "meta":  # a meta table is sharded, never stepped here
                 occurrences.track(p)  # exact counts from a dense gradient (see the module docstring)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
