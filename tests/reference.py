@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,9 +44,13 @@ class DenseRule:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     alpha: float = 0.0
-    decay: str = "linear"
+    decay: str = "linear"  # "linear" | "exponential" | "fbgemm" (rowwise_rmsprop_ar's shrink)
+    min_shrinkage: float = 0.0
     weight_decay: float = 0.0
+    lr_multiplier: float = 1.0  # the table's kappa_t
     fal_tau: float | None = None
+    fal_tau_is_ratio: bool = False
+    fal_tau_refresh_steps: int = 100
     fal_power: float = 1.0
     fal_min: float = 0.0
     fal_epoch_decay: float = 1.0
@@ -60,27 +65,43 @@ class DenseRule:
         self.v = torch.zeros_like(self.weight)
         self.s = torch.zeros(self.weight.shape[0], dtype=torch.int64)
         self.c = torch.zeros(self.weight.shape[0])
+        self.tau = self.fal_tau
+        self._epoch = 0
+
+    def _refresh_tau(self, k: int, epoch: int) -> None:
+        """A ratio tau is the fal_tau-quantile (numpy's linear interpolation) of the table's
+        nonzero counts before this step, re-estimated at every new epoch and every
+        fal_tau_refresh_steps steps from step 1 (1.0 while no row was seen)."""
+        if epoch != self._epoch or (k - 1) % self.fal_tau_refresh_steps == 0:
+            seen = self.c[self.c > 0].double().numpy()
+            self.tau = float(np.quantile(seen, self.fal_tau)) if seen.size else 1.0
+        self._epoch = epoch
 
     def step(self, grad: Tensor, occ: Tensor, k: int, epoch: int = 1) -> None:
         touched = occ > 0
         t2 = touched.unsqueeze(1)
         skipped = (k - self.s - 1).double()
+        if self.fal_tau_is_ratio:
+            self._refresh_tau(k, epoch)
         if self.half_life > 0:
             c_new = occ + 2.0 ** (-(k - self.s).double() / self.half_life).float() * self.c
         else:
             c_new = self.c + occ
         self.c = torch.where(touched, c_new, self.c)
-        lr = torch.full((self.weight.shape[0],), self.lr)
+        lr = torch.full((self.weight.shape[0],), self.lr * self.lr_multiplier)
         if self.fal_tau is not None:
-            mult = torch.clamp(torch.clamp(self.c / self.fal_tau, max=1.0), min=self.fal_min) ** self.fal_power
+            mult = torch.clamp(torch.clamp(self.c / self.tau, max=1.0), min=self.fal_min) ** self.fal_power
             mult = 1 - (1 - mult) * self.fal_epoch_decay ** (epoch - 1)
             lr = lr * mult
         w = self.weight
         if self.alpha > 0:
             if self.decay == "linear":
                 keep = 1 - torch.clamp(self.alpha * skipped, max=1.0)
-            else:
+            elif self.decay == "exponential":
                 keep = (1 - self.alpha) ** skipped
+            else:  # FBGEMM's rowwise_rmsprop_ar: the optimizer's own lr, Delta = k - s_r (1 on first touch)
+                delta = torch.where(self.s == 0, torch.ones_like(skipped), skipped + 1)
+                keep = torch.clamp(1 - torch.clamp(self.lr * self.alpha * delta, 0.0, 1.0), min=self.min_shrinkage)
             w = torch.where(t2, w * keep.float().unsqueeze(1), w)
         w = torch.where(t2, w * (1 - lr.unsqueeze(1) * self.weight_decay), w)
         b1, b2 = self.betas
@@ -111,9 +132,9 @@ def almost(a: Tensor, b: Tensor) -> float:
     return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
 
 
-
-
-def relative(a: Tensor, b: Tensor) -> float:
-    """Max |a - b| / max(1, |a|): float32 accumulators of size ~50 carry ~1e-5 absolute rounding."""
+def relative(a: Tensor, b: Tensor, floor: float) -> float:
+    """Max |a - b| / (|a| + floor), the reference ``a``'s relative error. ``floor`` is the
+    size below which a value counts as zero: pick it far below the values compared (a
+    floor near their size would let a 100 % error on small values pass)."""
     a, b = a.detach().double(), b.detach().double()
-    return float(((a - b).abs() / a.abs().clamp(min=1.0)).max()) if a.numel() else 0.0
+    return float(((a - b).abs() / (a.abs() + floor)).max()) if a.numel() else 0.0

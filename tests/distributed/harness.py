@@ -177,9 +177,11 @@ def compare_sharded(name: str, value: Any, ref: torch.Tensor, tol: float, replic
 
 
 def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: Dict[str, Any], steps: int,
-                      tol: float, pooling_check: bool = True) -> Dict[str, Any]:
+                      tol: float, pooling_check: bool = True,
+                      after_step: Optional[Callable[[nn.Module, KeyedJaggedTensor], None]] = None) -> Dict[str, Any]:
     """Trains ``steps`` steps sharded and in one process; checks every local shard (see the module docstring),
-    and that the replicas of data-parallel tables are bit-identical across ranks."""
+    and that the replicas of data-parallel tables are bit-identical across ranks. ``after_step(model, kjt)``
+    runs on the sharded model after each step (e.g. an evaluation pass, which must change nothing)."""
     from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
 
     t0 = time.perf_counter()
@@ -217,6 +219,8 @@ def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: 
             _check_close("pooled output (step 0)", out, ref_out[lo:hi].detach(), tol)
         loss_of(out, w_head).backward()
         loss_of(ref_out, w_head).backward()
+        if after_step is not None:
+            after_step(model, kjt_for(lengths, ids, lo, hi))
     t_train = time.perf_counter() - t0 - t_setup
 
     moved = max((w - init[f"embedding_bags.{n}.weight"]).abs().max().item()

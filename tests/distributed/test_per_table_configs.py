@@ -5,8 +5,8 @@ alpha=5e-2). On 2 gloo ranks under row_wise (both groups on every rank) and a mi
 plan, the sharded EBC must put the two configs in different kernels, hand each kernel
 exactly its own RuleConfig, and train every table as the single-process kernel with
 that table's own rule does (weights and all optimizer states to 1e-5 after 12 steps).
-A control checks that training t2 with t0's rule gives different weights, so the
-comparison can tell the two configs apart.
+Controls check that training t2 with t0's rule, or with its own rule but kappa = 1,
+gives different weights, so the comparison can tell the configs (and kappa alone) apart.
 """
 
 from __future__ import annotations
@@ -108,7 +108,12 @@ def per_table_worker(rank: int) -> Dict[str, Any]:
     _train_references(same, data)
     gap = (own[1][0].split_embedding_weights()[0] - same[1][0].split_embedding_weights()[0]).abs().max().item()
     assert gap > 100 * TOL, f"t2's own config barely changes its training (gap {gap:.2g}); the test would be vacuous"
-    return {"checked": checked, "gap": gap}
+    # ... and kappa alone (same alpha) also moves it: a kernel ignoring lr_multiplier would fail above.
+    no_kappa = _references({**configs, "t2": {**T2, "lr_multiplier": 1.0}}, init)
+    _train_references(no_kappa, data)
+    kappa_gap = (own[1][0].split_embedding_weights()[0] - no_kappa[1][0].split_embedding_weights()[0]).abs().max().item()
+    assert kappa_gap > 100 * TOL, f"t2's lr_multiplier barely changes its training (gap {kappa_gap:.2g})"
+    return {"checked": checked, "gap": gap, "kappa_gap": kappa_gap}
 
 
 def test_per_table_configs_group_and_train_with_their_own_rule() -> None:

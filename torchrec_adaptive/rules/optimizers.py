@@ -6,34 +6,58 @@ They play two roles:
   sharder turns class + kwargs into a :class:`RuleConfig` for the fused kernel;
 * a real ``torch.optim.Optimizer`` for unsharded parameters (an unsharded
   ``EmbeddingBagCollection``, a plain ``nn.EmbeddingBag``), running the very same
-  chain on the rows that got a gradient. With a dense gradient a row is touched
-  when its gradient row is nonzero, and it counts one occurrence; a sparse
-  gradient (``nn.EmbeddingBag(sparse=True)``) gives exact duplicate counts.
+  chain on the rows of the step's lookups, with the same occurrence counts as the
+  fused kernel (duplicates counted), so an unsharded model trains exactly as the
+  sharded one. A sparse gradient (``nn.EmbeddingBag(sparse=True)``) carries the
+  lookups itself; a dense one does not, so the lookups of the ``nn.EmbeddingBag``
+  holding the table are recorded by :mod:`~torchrec_adaptive.rules.occurrences`
+  (nothing for the user to do). A table updated from a dense gradient with no
+  ``nn.EmbeddingBag`` lookup seen falls back to "rows with a nonzero gradient, one
+  occurrence each", with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import Tensor
 
+from . import occurrences
 from .apply import RowUpdate, allocate_row_state, update_rows
 from .base import RowChain
 from .configs import AdamARConfig, AdamConfig, RowWiseAdagradConfig, RowWiseRMSpropARConfig, RuleConfig
 from .transforms import scale_by_row_frequency
 
 
-def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """rows, coalesced grad rows and occurrences from a dense or sparse gradient."""
+def _touched_rows(grad: Tensor, looked_up: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """rows, coalesced grad rows and occurrences of one step.
+
+    A sparse gradient lists every lookup. A dense one is read at the rows the step
+    looked up (``looked_up``: rows and counts recorded by :mod:`.occurrences`), so a
+    row is touched and counted exactly as in the fused kernel; without them, a row
+    is touched when its gradient row is nonzero and counts once.
+    """
     if grad.is_sparse:
         idx = grad._indices()[0]
         rows, inverse, counts = torch.unique(idx, sorted=True, return_inverse=True, return_counts=True)
         g = torch.zeros(rows.numel(), grad.shape[1], dtype=grad.dtype, device=grad.device)
         g.index_add_(0, inverse, grad._values())
         return rows, g, counts.to(torch.float32)
-    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
-    return rows, grad.index_select(0, rows), torch.ones(rows.numel(), device=grad.device)
+    nonzero = grad.ne(0).any(dim=1)
+    if looked_up is None:
+        rows = nonzero.nonzero().squeeze(1)
+        return rows, grad.index_select(0, rows), torch.ones(rows.numel(), device=grad.device)
+    rows, counts = looked_up
+    nonzero[rows] = False
+    if bool(nonzero.any()):
+        raise ValueError(
+            f"the gradient of a table of shape {tuple(grad.shape)} reaches rows no lookup of this step touched "
+            f"(e.g. row {int(nonzero.nonzero()[0])}): the table is also used outside its nn.EmbeddingBag, "
+            "which a lazy row-wise optimizer cannot honour; the update was refused"
+        )
+    return rows, grad.index_select(0, rows), counts.to(torch.float32)
 
 
 class AdaptiveRowOptimizer(torch.optim.Optimizer):
@@ -47,6 +71,19 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
         defaults["epoch"] = 1
         super().__init__(params, defaults)
         self._chains: dict[int, RowChain] = {}
+        self._warned_dense = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.dim() == 2 and p.device.type != "meta":  # a meta table is sharded, never stepped here
+                occurrences.track(p)  # exact counts from a dense gradient (see the module docstring)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                occurrences.discard(p)
 
     @classmethod
     def rule_config(cls, **kwargs: Any) -> RuleConfig:
@@ -68,6 +105,7 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["step"] = group.get("step", 0) + 1
             for p in group["params"]:
+                looked_up = occurrences.take(p)  # taken first: a refused step's lookups are dropped with it
                 if p.grad is None:
                     continue
                 if p.dim() != 2:
@@ -83,10 +121,22 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                 if not state:
                     state.update(allocate_row_state(chain.slots(), p.shape[0], p.shape[1], p.device))
                 self._refresh_frequency_threshold(chain, state, group["step"])
-                rows, g, occ = _touched_rows(grad)
+                if looked_up is None and not grad.is_sparse:
+                    self._warn_dense_counts(p)
+                rows, g, occ = _touched_rows(grad, looked_up)
                 lr = torch.full((rows.numel(), 1), group["lr"] * group["lr_multiplier"], device=p.device)
                 update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr), group["step"], group["epoch"])
         return loss
+
+    def _warn_dense_counts(self, p: Tensor) -> None:
+        if not self._warned_dense:
+            self._warned_dense = True
+            warnings.warn(
+                f"{type(self).__name__}: a table of shape {tuple(p.shape)} got a dense gradient and no nn.EmbeddingBag "
+                "lookup of it was seen, so each row with a nonzero gradient counts one occurrence (the fused kernel "
+                "counts every lookup, duplicates included); look it up through nn.EmbeddingBag or use sparse=True",
+                RuntimeWarning, stacklevel=3,
+            )
 
     def _refresh_frequency_threshold(self, chain: RowChain, state: dict[str, Tensor], step: int) -> None:
         fal = self.config.fal
