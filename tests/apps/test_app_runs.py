@@ -83,11 +83,13 @@ AUC_LEAK_BOUND = 0.9
 
 def _test_labels(tmp, name):
     """The test set's labels, loaded here through the app's config and readers (not its evaluation)."""
-    from torchrec_adaptive.apps.dlrm.config import load_config
-    from torchrec_adaptive.apps.dlrm.inputs import load_data
+    import torch
 
-    _, test = load_data(load_config(tmp / f"{name}.yaml").data, ROOT)
-    return test.labels
+    from torchrec_adaptive.apps.dlrm.config import load_config
+    from torchrec_adaptive.apps.dlrm.inputs import open_data
+
+    test = open_data(load_config(tmp / f"{name}.yaml").data, ROOT, tmp / "labels_cache").test
+    return torch.cat([torch.from_numpy(test.read(unit, 0, n).labels) for unit, n in test.units])
 
 
 @pytest.mark.parametrize("name", METHODS + ["dcn", "pipelined", "criteo", "avazu", "tabular"])
