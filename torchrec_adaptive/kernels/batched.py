@@ -395,10 +395,10 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             w, state = self._group_views(g)
             lr, table = self._row_learning_rates(g, rows)
             if self._fused is not None:
-                upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table)
+                upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate)
                 self._fused.update(fused_cpu.extension(), w, state, upd, grad, step, self.epoch)  # type: ignore[arg-type]
             else:
-                upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table)
+                upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
                 update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
 

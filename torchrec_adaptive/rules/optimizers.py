@@ -85,7 +85,7 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                 self._refresh_frequency_threshold(chain, state, group["step"])
                 rows, g, occ = _touched_rows(grad)
                 lr = torch.full((rows.numel(), 1), group["lr"] * group["lr_multiplier"], device=p.device)
-                update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr), group["step"], group["epoch"])
+                update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr, base_lr=group["lr"]), group["step"], group["epoch"])
         return loss
 
     def _refresh_frequency_threshold(self, chain: RowChain, state: dict[str, Tensor], step: int) -> None:
