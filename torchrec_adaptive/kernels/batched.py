@@ -15,6 +15,18 @@ row, one ``embedding_bag`` call on the output gradient computes all of them, so
 no dense table gradient and no per-lookup ``[L, D]`` tensor is ever built.
 Everything is device-agnostic torch ops: the same code runs on CPU and CUDA.
 
+Non-finite gradients (``nonfinite``): a step whose output gradient has a NaN/Inf is
+refused inside backward by updating nothing (weights and row state untouched), while
+the step k still advances, as for every table that a step leaves untouched
+(METHODS.md), so k stays the same in every kernel and on every rank. Nothing is
+raised inside backward: an exception there aborts the autograd graph task mid-way and
+leaves DDP's reducer waiting for gradients forever ("unmarked_param_indices" on the
+next step). The refusal is recorded, and ``"raise"`` raises it once backward has
+finished, from a callback queued on the autograd engine (:func:`raise_refused_steps`,
+also callable directly). That split (mask the update where the data is, report at a
+point where it is safe) is also how a device-side check reports: there the flag
+would be a device tensor read by the same function, without stalling the stream.
+
 Data-parallel replicas (``replicas``): each replica looks up its own batch, and its
 backward swaps its share of the batch for every replica's (what the update reads:
 lookups and bag gradients, see :class:`ReplicaSync`) before updating, so every
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -112,6 +125,39 @@ class _FusedLookup(torch.autograd.Function):
         return None, None, None, None
 
 
+# Kernels holding a refused step not yet reported (see the module docstring).
+_REFUSED: "weakref.WeakSet[BatchedAdaptiveEmbeddingBag]" = weakref.WeakSet()
+
+
+def raise_refused_steps() -> None:
+    """Raise one ``FloatingPointError`` for every step refused (``nonfinite="raise"``)
+    since the last call, naming the tables and features; a no-op when there is none.
+
+    Queued on the autograd engine by a refusing backward, so ``loss.backward()`` raises
+    it after the backward (DDP's reducer included) has finished; a training loop that
+    catches it can zero its dense gradients and go on with the next batch.
+    """
+    kernels = list(_REFUSED)
+    _REFUSED.clear()
+    messages = [m for k in kernels for m in k._take_refusals()]
+    if messages:
+        raise FloatingPointError("; ".join(messages))
+
+
+def _raise_after_backward() -> None:
+    """Queue :func:`raise_refused_steps` to run when the current backward has finished.
+
+    Final callbacks run in the order queued; DDP queues its own (``finalize_backward``)
+    while the graph runs, possibly after ours. A callback that raises stops the ones
+    after it, so ours first queues itself again: the second time it is last, after
+    everything queued during the backward."""
+    engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+    try:
+        engine.queue_callback(lambda: engine.queue_callback(raise_refused_steps))
+    except RuntimeError:  # not inside an engine-run backward (a direct call): report now
+        raise_refused_steps()
+
+
 def default_weights_init(table: TableSpec, weight: Tensor) -> None:
     """TorchRec's default for ``EmbeddingBagConfig``: U(-sqrt(1/n), sqrt(1/n)), n the global rows."""
     weight.uniform_(*table.bounds)
@@ -126,8 +172,10 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         feature_table_map: table of each input feature (several features may share a table).
         pooling: ``"sum"`` or ``"mean"``.
         bounds_check: ``"error"`` (raise naming table and ID), ``"warn"`` (clamp into range), ``"off"``.
-        nonfinite: NaN/Inf output gradients are refused before they reach the weights:
-            ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (step count not advanced).
+        nonfinite: NaN/Inf output gradients are refused before they reach the weights
+            (no row or state changes; the step k advances as for every table):
+            ``"raise"`` a ``FloatingPointError`` once backward has finished, or ``"skip"``
+            with a warning.
         weights_init: ``f(table, weight_view)``; TorchRec's default uniform init if None.
         validate_offsets: check offsets are monotone and end at len(indices) (a host sync).
         fused: on CPU, run known chains through the compiled loops of ``fused_cpu``
@@ -199,6 +247,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             col += d
         self._workspace = Workspace()
         self._capture_next = False
+        self._refuse_next_update = False  # a refused Helen capture refuses its second pass too
+        self._refusals: list[str] = []
         self.captured: list[CapturedRows] = []
         self._perturbed: list[SavedRows] = []
         self._fused = fused_cpu.fused_for(self.chain, device, self.weights.dtype) if fused else None
@@ -375,17 +425,18 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def _fused_backward(self, lookups: list[GroupLookups], batch_size: int, grad_output: Tensor) -> None:
         lay = self.layout
         batches, bad = self._backward_batches(lookups, batch_size, grad_output)
+        self.restore_perturbation()  # a perturbation never outlives the backward it was made for
         if bad:
-            msg = f"non-finite gradient for {bad}"
-            if self.nonfinite == "raise":
-                raise FloatingPointError(msg + "; the update was refused, weights and optimizer state are unchanged")
-            warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=2)
+            self._refuse(bad)
             return
         if self._capture_next:
             self._capture(batches)
             return
-        self.restore_perturbation()
         step = self.optimizer_step + 1
+        if self._refuse_next_update:  # the second pass of a refused Helen step
+            self._refuse_next_update = False
+            self.optimizer_step = step
+            return
         if self._fal is not None and self._fal.tau_is_ratio and (step - 1) % self.rule.fal.tau_refresh_steps == 0:  # type: ignore[union-attr]
             self.refresh_row_statistics()
         for g, batch in zip(lay.groups, batches):
@@ -402,6 +453,31 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                 update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
 
+    def _refuse(self, bad: str) -> None:
+        """Refuse this backward's update (see the module docstring): no row changes, k
+        advances unless it was a Helen capture (which updates nothing anyway, and whose
+        second pass is then refused too)."""
+        if self._capture_next:
+            self._capture_next = False
+            self.captured = []
+            self._refuse_next_update = True
+            what = "the step was refused"
+        else:
+            self._refuse_next_update = False
+            self.optimizer_step += 1
+            what = f"the update was refused, weights and optimizer state are unchanged (step k = {self.optimizer_step})"
+        msg = f"non-finite gradient for {bad}; {what}"
+        if self.nonfinite == "skip":
+            warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=3)
+            return
+        self._refusals.append(msg)
+        _REFUSED.add(self)
+        _raise_after_backward()
+
+    def _take_refusals(self) -> list[str]:
+        out, self._refusals = self._refusals, []
+        return out
+
     def _backward_batches(self, lookups: list[GroupLookups], batch_size: int,
                           grad_output: Tensor) -> tuple[list[GroupBatch], str]:
         """Each dim group's batch with its bags' output gradients, and what is non-finite
@@ -415,7 +491,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             return batches, ", ".join(bad)
         batches, bad_replicas = self.replicas.gather(batches, bool(bad))
         others = [r for r in bad_replicas if r != self.replicas.index]
-        what = ([", ".join(bad)] if bad else []) + ([f"data-parallel replica(s) {others}"] if others else [])
+        tables = ", ".join(repr(n) for n in dict.fromkeys(t.table_name for t in self.layout.tables))
+        what = ([", ".join(bad)] if bad else []) + (
+            [f"data-parallel replica(s) {others} of table(s) {tables}"] if others else [])
         return batches, " and ".join(what)
 
     # ------------------------------------------------------ Helen (sharpness)
@@ -423,6 +501,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         """The next backward records the touched rows' gradients and updates nothing
         (no weight, state or step change): Helen's first pass."""
         self._capture_next = True
+        self._refuse_next_update = False
         self.captured = []
 
     def _capture(self, batches: list[GroupBatch]) -> None:
