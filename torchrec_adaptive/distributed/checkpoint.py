@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT
+from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT, drop_absent_epochs
 
 
 def state_dict(model: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -100,6 +100,7 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
     """
     state = state if state is not None else state_dict(model)
     metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    state = drop_absent_epochs(state, metadata)  # older checkpoints have no epoch: the model keeps its own
     flat = _flatten(state, "", {})
     problems: List[str] = []
     by_table: Dict[str, List[str]] = {}

@@ -248,6 +248,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         self._workspace = Workspace()
         self._capture_next = False
         self._refuse_next_update = False  # a refused Helen capture refuses its second pass too
+        self._refresh_due = False  # FAL's quantile tau must be re-estimated at the next update
         self._refusals: list[str] = []
         self.captured: list[CapturedRows] = []
         self._perturbed: list[SavedRows] = []
@@ -299,6 +300,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         return self.learning_rate
 
     def set_learning_rate(self, lr: float) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise TypeError(f"learning rate must be a number, got {lr!r} ({type(lr).__name__})")
         if not (lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"learning rate must be >= 0 and finite, got {lr}")
         self.learning_rate = float(lr)
@@ -325,6 +328,13 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             raise ValueError(f"epoch {epoch} is before the current epoch {self.epoch}: epochs only go forward")
         self.epoch = int(epoch)
         self.refresh_row_statistics()
+
+    def restore_epoch(self, epoch: int) -> None:
+        """Set the epoch from a checkpoint (may go backwards, unlike :meth:`set_epoch`)."""
+        if epoch < 1:
+            raise ValueError(f"epochs count from 1, got {epoch}")
+        self.epoch = int(epoch)
+        self._refresh_due = True  # the counts may not be loaded yet: re-estimate at the next update
 
     @torch.no_grad()
     def reinit_rows(self, table: int, rows: Tensor, *, seed: int, epoch: int, reset_state: bool = True,
@@ -368,7 +378,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.optimizer_step = int(state["optimizer_step"])
         self.learning_rate = float(state["learning_rate"])
-        self.epoch = int(state["epoch"])
+        self.restore_epoch(int(state["epoch"]))
 
     # ---------------------------------------------------------------- forward
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
@@ -403,7 +413,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         lay = self.layout
         if len(lay.groups) == 1:  # bags are batch-major: the output needs no transpose
             w, _ = self._group_views(lay.groups[0])
-            return self._embedding_bag(w, lookups[0]).view(batch_size, -1)
+            return self._embedding_bag(w, lookups[0]).view(batch_size, self._feature_cols[-1][1])
         pieces: list[Tensor] = [torch.empty(0)] * len(lay.feature_table_map)
         for g, lk in zip(lay.groups, lookups):
             if not g.features:
@@ -432,13 +442,17 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         if self._capture_next:
             self._capture(batches)
             return
+        if all(b.lookups.bag_lengths.numel() == 0 for b in batches):
+            return  # an empty batch (on every replica) is no training step: nothing changes, k included
         step = self.optimizer_step + 1
         if self._refuse_next_update:  # the second pass of a refused Helen step
             self._refuse_next_update = False
             self.optimizer_step = step
             return
-        if self._fal is not None and self._fal.tau_is_ratio and (step - 1) % self.rule.fal.tau_refresh_steps == 0:  # type: ignore[union-attr]
+        if self._fal is not None and self._fal.tau_is_ratio and (
+                self._refresh_due or (step - 1) % self.rule.fal.tau_refresh_steps == 0):  # type: ignore[union-attr]
             self.refresh_row_statistics()
+        self._refresh_due = False
         for g, batch in zip(lay.groups, batches):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
@@ -555,7 +569,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         if not g.features:
             return grad_output.new_zeros(0, g.dim)
         if len(self.layout.groups) == 1:
-            return grad_output.contiguous().view(-1, g.dim)
+            return grad_output.contiguous().view(grad_output.shape[0] * len(g.features), g.dim)
         cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
         return torch.stack(cols, dim=0).reshape(-1, g.dim)
 

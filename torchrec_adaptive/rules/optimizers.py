@@ -13,6 +13,7 @@ They play two roles:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, Iterable
 
 import torch
@@ -42,6 +43,11 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
     config_type: ClassVar[type[RuleConfig]] = RuleConfig
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> None:
+        from ..kernels.inputs import KernelOptions  # kernels import rules: not at module level
+
+        # bounds_check / nonfinite are the kernel's per-table options (the sharder reads them
+        # from these kwargs); unsharded, nonfinite="skip" skips the table's update with a warning.
+        self.kernel_options, kwargs = KernelOptions.split(kwargs)
         self.config = self.rule_config(**kwargs)
         defaults = self.config.to_kwargs()
         defaults["epoch"] = 1
@@ -74,6 +80,10 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} updates embedding tables (2-D), got shape {tuple(p.shape)}")
                 grad = p.grad
                 if not torch.isfinite(grad._values() if grad.is_sparse else grad).all():
+                    if self.kernel_options.nonfinite == "skip":
+                        warnings.warn(f"{type(self).__name__}: non-finite gradient for a table of shape "
+                                      f"{tuple(p.shape)}; its update was skipped", RuntimeWarning, stacklevel=2)
+                        continue
                     raise FloatingPointError(
                         f"{type(self).__name__}: non-finite gradient for a table of shape {tuple(p.shape)}; "
                         "the update was refused and weights/state are unchanged"
@@ -137,4 +147,7 @@ def config_from_optimizer(cls: type, kwargs: dict[str, Any]) -> RuleConfig:
     """The kernel config for ``apply_optimizer_in_backward(cls, ..., kwargs)``."""
     if not is_adaptive_optimizer(cls):
         raise TypeError(f"{cls!r} is not a torchrec_adaptive optimizer; use one of {[c.__name__ for c in ADAPTIVE_OPTIMIZERS]}")
-    return cls.rule_config(**dict(kwargs))  # type: ignore[attr-defined]
+    from ..kernels.inputs import KernelOptions
+
+    _, rule_kwargs = KernelOptions.split(dict(kwargs))  # the kernel options are validated, not the rule's
+    return cls.rule_config(**rule_kwargs)  # type: ignore[attr-defined]
