@@ -101,3 +101,20 @@ def test_fbgemm_interval_in_the_unsharded_front_end_uses_the_group_lr():
     p.grad = torch.ones(4, 2)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((4, 2), 0.99), rtol=0, atol=1e-6)
+
+
+def test_unsharded_state_round_trip_keeps_slot_dtypes():
+    """torch.optim casts loaded state to the parameter's dtype; s_r and c_r must stay exact."""
+    p = torch.nn.Parameter(torch.zeros(4, 2))
+    opt = tra.AdamAR([p], lr=0.01)
+    p.grad = torch.ones(4, 2)
+    opt.step()
+    opt.state[p]["row_count"][0] = 2.0**24 + 1
+    opt.state[p]["row_last_step"][1] = 2**40 + 1
+    q = torch.nn.Parameter(torch.zeros(4, 2))
+    other = tra.AdamAR([q], lr=0.01)
+    other.load_state_dict(opt.state_dict())
+    assert other.state[q]["row_count"].dtype == torch.float64
+    assert other.state[q]["row_last_step"].dtype == torch.int64
+    assert other.state[q]["row_count"][0].item() == 2.0**24 + 1
+    assert other.state[q]["row_last_step"][1].item() == 2**40 + 1

@@ -98,6 +98,21 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                 update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr, base_lr=group["lr"]), group["step"], group["epoch"])
         return loss
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that the row slots keep their own dtypes: torch casts every
+        state tensor to the parameter's dtype, which would turn s_r (int64) and c_r
+        (float64) into float32, exact only to 2^24. Float32 counts of older state load."""
+        saved = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        dtypes = {s.name: s.dtype for s in self.config.build().slots() if s.dtype != torch.float32}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, slots in saved.items():
+            p = params[index]
+            for name, dtype in dtypes.items():
+                value = slots.get(name)
+                if isinstance(value, Tensor):
+                    self.state[p][name] = value.to(device=p.device, dtype=dtype)
+
     def _refresh_frequency_threshold(self, chain: RowChain, state: dict[str, Tensor], step: int) -> None:
         fal = self.config.fal
         if fal is None or not fal.tau_is_ratio or (step - 1) % fal.tau_refresh_steps:
