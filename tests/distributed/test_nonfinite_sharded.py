@@ -36,13 +36,19 @@ pytestmark = pytest.mark.distributed
 
 
 class DenseOnTop(nn.Module):
+    """Embeddings -> Linear, gated by a dense layer computed *before* the lookup: autograd
+    runs that layer's backward after our kernel's, so DDP queues its finalize callback
+    after the kernel's refusal (the order our error callback must survive)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.sparse = Wrapper(make_ebc())
+        self.pre = nn.Linear(4, 1)
         self.dense = nn.Linear(sum(d * len(fs) for _, _, d, fs in TABLES), 1)
 
     def forward(self, kjt: Any) -> torch.Tensor:
-        return self.dense(self.sparse(kjt)).squeeze(1)
+        gate = torch.sigmoid(self.pre(torch.ones(1, 4)))
+        return (self.dense(self.sparse(kjt)) * gate).squeeze(1)
 
 
 def _plan(sharding_type: str, world: int) -> Dict[str, Any]:
@@ -76,7 +82,7 @@ def nan_step_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
                                    device=torch.device("cpu"), plan=ShardingPlan({"sparse.ebc": module_plan}),
                                    sharders=sharders())
-    dense_params = [p for n, p in dmp.named_parameters() if "dense" in n]
+    dense_params = [p for n, p in dmp.named_parameters() if "dense" in n or "pre" in n]
     assert dense_params, "the dense part is missing"
     opt = torch.optim.SGD(dense_params, lr=0.1)
     data = global_batches(4, world * BATCH_PER_RANK)
