@@ -68,20 +68,25 @@ def _kernel_state(model: nn.Module) -> List[Dict[str, Any]]:
             for m in all_modules(model) if isinstance(m, BatchedAdaptiveEmbeddingBag)]
 
 
-def nan_step_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
+def _sharded(sharding_type: str, world: int) -> DistributedModelParallel:
+    """DenseOnTop with AdamAR tables under DMP (which wraps the dense part in DDP)."""
     import torchrec_adaptive as tra
     from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
 
-    world = dist.get_world_size()
     model = DenseOnTop()
     ebc = model.sparse.ebc
     apply_optimizer_in_backward(tra.AdamAR, ebc.embedding_bags.parameters(), {"lr": 0.05, "alpha": 1e-2})
     module_plan = construct_module_sharding_plan(
         ebc, per_param_sharding=_plan(sharding_type, world), local_size=world, world_size=world,
         device_type="cpu", sharder=AdaptiveEmbeddingBagCollectionSharder())
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=torch.device("cpu"), plan=ShardingPlan({"sparse.ebc": module_plan}),
-                                   sharders=sharders())
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                    device=torch.device("cpu"), plan=ShardingPlan({"sparse.ebc": module_plan}),
+                                    sharders=sharders())
+
+
+def nan_step_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
+    world = dist.get_world_size()
+    dmp = _sharded(sharding_type, world)
     dense_params = [p for n, p in dmp.named_parameters() if "dense" in n or "pre" in n]
     assert dense_params, "the dense part is missing"
     opt = torch.optim.SGD(dense_params, lr=0.1)
@@ -119,19 +124,8 @@ def nan_step_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
 
 def refused_state_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
     """Weights and row state are bit-identical before and after the refused step itself."""
-    import torchrec_adaptive as tra
-    from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
-
     world = dist.get_world_size()
-    model = DenseOnTop()
-    ebc = model.sparse.ebc
-    apply_optimizer_in_backward(tra.AdamAR, ebc.embedding_bags.parameters(), {"lr": 0.05, "alpha": 1e-2})
-    module_plan = construct_module_sharding_plan(
-        ebc, per_param_sharding=_plan(sharding_type, world), local_size=world, world_size=world,
-        device_type="cpu", sharder=AdaptiveEmbeddingBagCollectionSharder())
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                   device=torch.device("cpu"), plan=ShardingPlan({"sparse.ebc": module_plan}),
-                                   sharders=sharders())
+    dmp = _sharded(sharding_type, world)
     (lengths, ids), = global_batches(1, world * BATCH_PER_RANK)
     before = _kernel_state(dmp)
     loss = dmp(kjt_for(lengths, ids, rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)).sum() * float("inf")
