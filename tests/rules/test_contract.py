@@ -34,7 +34,7 @@ def test_state_slots_shapes_and_dtypes(cls, kw, slots):
     k = _kernel(cls, kw)
     (state,) = k.get_optimizer_state()
     assert state["row_last_step"].dtype == torch.int64 and state["row_last_step"].shape == (50,)
-    assert state["row_count"].dtype == torch.float32 and state["row_count"].shape == (50,)
+    assert state["row_count"].dtype == torch.float64 and state["row_count"].shape == (50,)
     for name, tail in slots.items():
         assert state[name].shape == (50, *tail) and state[name].dtype == torch.float32
 

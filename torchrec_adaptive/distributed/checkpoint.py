@@ -55,7 +55,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT
+from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT, drop_absent_epochs
 
 
 MANIFEST = "manifest.json"
@@ -327,6 +327,7 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
     except Exception as e:  # a .metadata from elsewhere, or damaged where no manifest vouched for it
         raise CheckpointDamaged(f"checkpoint {checkpoint_id!r}: cannot read {Path(checkpoint_id) / '.metadata'}: "
                                 f"{e}") from None
+    state = drop_absent_epochs(state, metadata)  # older checkpoints have no epoch: the model keeps its own
     flat = _flatten(state, "", {})
     problems: List[str] = []
     by_table: Dict[str, List[str]] = {}

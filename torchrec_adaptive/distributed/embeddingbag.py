@@ -51,9 +51,12 @@ from torchrec.distributed.sharding.twrw_sharding import TwRwPooledEmbeddingShard
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder, ParameterSharding, ShardingEnv
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from ..rules.optimizers import config_from_optimizer, is_adaptive_optimizer
-from .kernel import ADAPTIVE_RULE_KEY, AdaptiveGroupedPooledEmbeddingsLookup
+from ..kernels.inputs import KernelOptions
+from .inputs import FeatureCheck, check_features
+from .kernel import ADAPTIVE_OPTIONS_KEY, ADAPTIVE_RULE_KEY, AdaptiveGroupedPooledEmbeddingsLookup
 from .replicated import ReplicatedLookup, ddp_names_of_replicas, has_other_parameters, replicas_of
 
 CUSTOMIZED = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
@@ -98,7 +101,8 @@ def _route_tables(module: EmbeddingBagCollectionInterface,
 
 
 @contextlib.contextmanager
-def _adaptive_fused_params(module: EmbeddingBagCollectionInterface, prefix: str, suffix: Optional[str]) -> Iterator[None]:
+def _adaptive_fused_params(module: EmbeddingBagCollectionInterface, prefix: str, suffix: Optional[str],
+                           default_options: Optional[KernelOptions] = None) -> Iterator[None]:
     """Temporarily give our tables kwargs TorchRec passes through untouched.
 
     TorchRec 1.8.0 reads ``param._optimizer_kwargs[0]`` and mutates it in place
@@ -113,14 +117,37 @@ def _adaptive_fused_params(module: EmbeddingBagCollectionInterface, prefix: str,
             if param is None or not is_adaptive_optimizer(cls):
                 continue
             kwargs = dict(getattr(param, "_optimizer_kwargs", [{}])[0])
-            rule = config_from_optimizer(cls, kwargs)  # type: ignore[arg-type]
+            try:
+                options, rule_kwargs = KernelOptions.split(kwargs, default_options)
+                rule = config_from_optimizer(cls, rule_kwargs)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"table {config.name!r}: {e}") from e
             saved.append((param, param._optimizer_kwargs))  # type: ignore[attr-defined]
             param._optimizer_kwargs = [{"optimizer": f"torchrec_adaptive.{cls.__name__}",  # type: ignore[union-attr]
-                                        ADAPTIVE_RULE_KEY: rule}]
+                                        ADAPTIVE_RULE_KEY: rule, ADAPTIVE_OPTIONS_KEY: options}]
         yield
     finally:
         for param, kwargs in saved:
             param._optimizer_kwargs = kwargs  # type: ignore[attr-defined]
+
+
+def _feature_checks(module: EmbeddingBagCollectionInterface,
+                    default_options: Optional[KernelOptions]) -> Dict[str, FeatureCheck]:
+    """Per input feature of our tables: its table, global rows and bounds_check mode."""
+    params = dict(module.named_parameters())
+    ours = set(adaptive_table_names(module))
+    out: Dict[str, FeatureCheck] = {}
+    for config in module.embedding_bag_configs():
+        if config.name not in ours:
+            continue
+        kwargs = getattr(params[f"embedding_bags.{config.name}.weight"], "_optimizer_kwargs", [{}])[0]
+        try:
+            options, _ = KernelOptions.split(kwargs, default_options)
+        except ValueError as e:
+            raise ValueError(f"table {config.name!r}: {e}") from e
+        for feature in config.feature_names or [config.name]:
+            out[feature] = FeatureCheck(config.name, config.num_embeddings, options.bounds_check)
+    return out
 
 
 def _lookup_for(sharding: EmbeddingSharding) -> nn.Module:
@@ -159,16 +186,28 @@ class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                  table_name_to_parameter_sharding: Dict[str, ParameterSharding], env: ShardingEnv,
                  fused_params: Optional[Dict[str, Any]] = None, device: Optional[torch.device] = None,
                  **kwargs: Any) -> None:
+        checks = _feature_checks(module, (fused_params or {}).get(ADAPTIVE_OPTIONS_KEY))
         super().__init__(module, _route_tables(module, table_name_to_parameter_sharding), env,
                          fused_params=fused_params, device=device, **kwargs)
+        self._adaptive_checks = checks
+        self._adaptive_weighted = module.is_weighted()
+
+    def input_dist(self, ctx: Any, features: Any) -> Any:
+        """TorchRec's, after checking our tables' features in global table space (``inputs.py``)."""
+        if isinstance(features, KeyedJaggedTensor):
+            features = check_features(features, self._adaptive_checks, self._adaptive_weighted)
+        return super().input_dist(ctx, features)
 
     @classmethod
     def create_grouped_sharding_infos(cls, module: EmbeddingBagCollectionInterface,  # type: ignore[override]
                                       table_name_to_parameter_sharding: Dict[str, ParameterSharding], prefix: str,
                                       fused_params: Optional[Dict[str, Any]], suffix: Optional[str] = "weight") -> Any:
-        with _adaptive_fused_params(module, prefix, suffix):
+        # Our defaults travel in the sharder's fused params; FBGEMM's tables must never see them.
+        stock = dict(fused_params or {})
+        defaults = stock.pop(ADAPTIVE_OPTIONS_KEY, None)
+        with _adaptive_fused_params(module, prefix, suffix, defaults):
             return super().create_grouped_sharding_infos(module, table_name_to_parameter_sharding, prefix,
-                                                         fused_params, suffix)
+                                                         stock, suffix)
 
     def _create_lookups(self) -> None:
         for sharding in self._embedding_shardings:
@@ -250,10 +289,13 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
     """
 
     def __init__(self, fused_params: Optional[Dict[str, Any]] = None, *, offer_customized_kernel: bool = False,
-                 offer_data_parallel: bool = True, **kwargs: Any) -> None:
+                 offer_data_parallel: bool = True, bounds_check: str = "error", nonfinite: str = "raise",
+                 **kwargs: Any) -> None:
         super().__init__(fused_params=fused_params, **kwargs)
         self._offer_customized_kernel = offer_customized_kernel
         self._offer_data_parallel = offer_data_parallel
+        # Defaults for our tables; a table's own optimizer kwargs override them.
+        self._kernel_options = KernelOptions(bounds_check=bounds_check, nonfinite=nonfinite)
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = [t for t in super().sharding_types(compute_device_type) if t != ShardingType.GRID_SHARD.value]
@@ -272,8 +314,9 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     def shard(self, module: EmbeddingBagCollection, params: Dict[str, ParameterSharding], env: ShardingEnv,
               device: Optional[torch.device] = None, module_fqn: Optional[str] = None) -> ShardedEmbeddingBagCollection:
+        fused_params = {**(self.fused_params or {}), ADAPTIVE_OPTIONS_KEY: self._kernel_options}
         return ShardedAdaptiveEmbeddingBagCollection(
-            module=module, table_name_to_parameter_sharding=params, env=env, fused_params=self.fused_params,
+            module=module, table_name_to_parameter_sharding=params, env=env, fused_params=fused_params,
             device=device, qcomm_codecs_registry=self.qcomm_codecs_registry, module_fqn=module_fqn,
             sharded_module_order_overwrite=self._sharded_module_order_overwrite,
         )
@@ -283,10 +326,14 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return ShardedAdaptiveEmbeddingBagCollection
 
 
-def sharders(*, offer_customized_kernel: bool = False, offer_data_parallel: bool = True
-             ) -> List[ModuleSharder[nn.Module]]:
-    """Our EBC sharder plus TorchRec's default sharders for every other module type."""
+def sharders(*, offer_customized_kernel: bool = False, offer_data_parallel: bool = True,
+             bounds_check: str = "error", nonfinite: str = "raise") -> List[ModuleSharder[nn.Module]]:
+    """Our EBC sharder plus TorchRec's default sharders for every other module type.
+
+    ``bounds_check`` / ``nonfinite``: defaults for our tables (see ``KernelOptions``); a
+    table's own ``apply_optimizer_in_backward`` kwargs of the same names override them."""
     ours = AdaptiveEmbeddingBagCollectionSharder(offer_customized_kernel=offer_customized_kernel,
-                                                 offer_data_parallel=offer_data_parallel)
+                                                 offer_data_parallel=offer_data_parallel,
+                                                 bounds_check=bounds_check, nonfinite=nonfinite)
     rest = [s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection]
     return [ours, *rest]  # type: ignore[list-item]

@@ -37,6 +37,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
 from ..kernels.batched import BatchedAdaptiveEmbeddingBag
+from ..kernels.inputs import KernelOptions
 from ..kernels.layout import TableSpec
 from ..rules.configs import RuleConfig
 from .replicated import DataParallelReplicas
@@ -44,6 +45,9 @@ from .replicated import DataParallelReplicas
 # Key under which the sharded module passes each table's RuleConfig to the kernel,
 # inside TorchRec's per-table ``fused_params`` (see embeddingbag.py).
 ADAPTIVE_RULE_KEY = "torchrec_adaptive_rule"
+# Key of each table's KernelOptions (bounds_check, nonfinite) in the same fused params;
+# in the sharder's own fused params, the defaults for tables whose kwargs do not set them.
+ADAPTIVE_OPTIONS_KEY = "torchrec_adaptive_options"
 
 
 def rule_of(config: GroupedEmbeddingConfig) -> RuleConfig:
@@ -58,10 +62,19 @@ def rule_of(config: GroupedEmbeddingConfig) -> RuleConfig:
     return rule
 
 
+def options_of(config: GroupedEmbeddingConfig) -> KernelOptions:
+    """The KernelOptions a CUSTOMIZED_KERNEL group was planned with (defaults if none)."""
+    options = (config.fused_params or {}).get(ADAPTIVE_OPTIONS_KEY)
+    return options if isinstance(options, KernelOptions) else KernelOptions()
+
+
 # Each table's entry for the step k in the fused optimizer's state dict, and the key
 # inside it that names the optimizer that wrote it (checked on load).
 STEP_SLOT = "optimizer_step"
 OPTIMIZER_NAME_KEY = "optimizer"
+# The epoch (FAL's m_r(e)) travels next to k, so a DCP checkpoint restores it. Checkpoints
+# written before it was saved lack it: see :func:`drop_absent_epochs`.
+EPOCH_KEY = "epoch"
 
 
 class OptimizerStep:
@@ -79,6 +92,7 @@ class OptimizerStep:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"step": torch.tensor(self._module.optimizer_step, dtype=torch.int64),
+                EPOCH_KEY: torch.tensor(self._module.epoch, dtype=torch.int64),
                 OPTIMIZER_NAME_KEY: self._module.rule.name}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -90,6 +104,20 @@ class OptimizerStep:
         if "step" not in state_dict:
             raise ValueError(f"table {self._table!r}: the optimizer state has no step k ('{self._table}.{STEP_SLOT}')")
         self._module.set_optimizer_step(int(state_dict["step"]))
+        if EPOCH_KEY in state_dict:  # absent in checkpoints written before the epoch was saved
+            self._module.restore_epoch(int(state_dict[EPOCH_KEY]))
+
+
+def drop_absent_epochs(state: Dict[str, Any], saved_keys: Any) -> Dict[str, Any]:
+    """``state`` (what ``checkpoint.state_dict`` builds) without the epoch entries that a
+    checkpoint written before the epoch was saved does not hold (``saved_keys``: its flat
+    DCP keys): such a checkpoint loads, and the model keeps the epoch it has."""
+    for param_key, slots in state.get("optim", {}).get("state", {}).items():
+        for slot, value in slots.items():
+            if (slot.endswith(f".{STEP_SLOT}") and isinstance(value, dict) and EPOCH_KEY in value
+                    and f"optim.state.{param_key}.{slot}.{EPOCH_KEY}" not in saved_keys):
+                del value[EPOCH_KEY]
+    return state
 
 
 class AdaptiveFusedOptimizer(EmbeddingFusedOptimizer):
@@ -203,9 +231,11 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
                                    # the table's own U(lo, hi): initial values and MEDA's re-init use it
                                    init_bounds=(float(lo), float(hi))))
 
+        options = options_of(config)
         self._emb_module: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
             specs, rule_of(config), feature_table_map=self._feature_table_map,
             pooling=_pooling(self._pooling), device=device,
+            bounds_check=options.bounds_check, nonfinite=options.nonfinite,
         )
         if sharding_type == ShardingType.DATA_PARALLEL:
             self._emb_module.replicas = DataParallelReplicas(pg)
@@ -230,10 +260,13 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
 
     def forward(self, features: KeyedJaggedTensor, vbe_output: Optional[torch.Tensor] = None,  # type: ignore[override]
                 vbe_output_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if features.variable_stride_per_key():
+        if features.variable_stride_per_key():  # refused with the feature names before input dist (inputs.py)
             raise NotImplementedError("torchrec_adaptive's kernel does not take variable batch sizes per feature (VBE)")
         weights = features.weights_or_none()
         if weights is not None and not torch.is_floating_point(weights):
+            # Not the user's weights (non-float ones are refused before input dist, inputs.py):
+            # TorchRec's row-wise input dist carries positions here for feature processors,
+            # which TorchRec's own fused kernel drops the same way.
             weights = None
         return self._emb_module(features.values(), features.offsets(), weights)
 
@@ -291,6 +324,7 @@ class AdaptiveGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
 
 
 __all__ = [
+    "ADAPTIVE_OPTIONS_KEY",
     "ADAPTIVE_RULE_KEY",
     "AdaptiveBatchedEmbeddingBag",
     "AdaptiveFusedOptimizer",

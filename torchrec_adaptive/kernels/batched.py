@@ -15,6 +15,18 @@ row, one ``embedding_bag`` call on the output gradient computes all of them, so
 no dense table gradient and no per-lookup ``[L, D]`` tensor is ever built.
 Everything is device-agnostic torch ops: the same code runs on CPU and CUDA.
 
+Non-finite gradients (``nonfinite``): a step whose output gradient has a NaN/Inf is
+refused inside backward by updating nothing (weights and row state untouched), while
+the step k still advances, as for every table that a step leaves untouched
+(METHODS.md), so k stays the same in every kernel and on every rank. Nothing is
+raised inside backward: an exception there aborts the autograd graph task mid-way and
+leaves DDP's reducer waiting for gradients forever ("unmarked_param_indices" on the
+next step). The refusal is recorded, and ``"raise"`` raises it once backward has
+finished, from a callback queued on the autograd engine (:func:`raise_refused_steps`,
+also callable directly). That split (mask the update where the data is, report at a
+point where it is safe) is also how a device-side check reports: there the flag
+would be a device tensor read by the same function, without stalling the stream.
+
 Data-parallel replicas (``replicas``): each replica looks up its own batch, and its
 backward swaps its share of the batch for every replica's (what the update reads:
 lookups and bag gradients, see :class:`ReplicaSync`) before updating, so every
@@ -26,6 +38,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
@@ -112,6 +125,39 @@ class _FusedLookup(torch.autograd.Function):
         return None, None, None, None
 
 
+# Kernels holding a refused step not yet reported (see the module docstring).
+_REFUSED: "weakref.WeakSet[BatchedAdaptiveEmbeddingBag]" = weakref.WeakSet()
+
+
+def raise_refused_steps() -> None:
+    """Raise one ``FloatingPointError`` for every step refused (``nonfinite="raise"``)
+    since the last call, naming the tables and features; a no-op when there is none.
+
+    Queued on the autograd engine by a refusing backward, so ``loss.backward()`` raises
+    it after the backward (DDP's reducer included) has finished; a training loop that
+    catches it can zero its dense gradients and go on with the next batch.
+    """
+    kernels = list(_REFUSED)
+    _REFUSED.clear()
+    messages = [m for k in kernels for m in k._take_refusals()]
+    if messages:
+        raise FloatingPointError("; ".join(messages))
+
+
+def _raise_after_backward() -> None:
+    """Queue :func:`raise_refused_steps` to run when the current backward has finished.
+
+    Final callbacks run in the order queued; DDP queues its own (``finalize_backward``)
+    while the graph runs, possibly after ours. A callback that raises stops the ones
+    after it, so ours first queues itself again: the second time it is last, after
+    everything queued during the backward."""
+    engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+    try:
+        engine.queue_callback(lambda: engine.queue_callback(raise_refused_steps))
+    except RuntimeError:  # not inside an engine-run backward (a direct call): report now
+        raise_refused_steps()
+
+
 def default_weights_init(table: TableSpec, weight: Tensor) -> None:
     """TorchRec's default for ``EmbeddingBagConfig``: U(-sqrt(1/n), sqrt(1/n)), n the global rows."""
     weight.uniform_(*table.bounds)
@@ -126,8 +172,10 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         feature_table_map: table of each input feature (several features may share a table).
         pooling: ``"sum"`` or ``"mean"``.
         bounds_check: ``"error"`` (raise naming table and ID), ``"warn"`` (clamp into range), ``"off"``.
-        nonfinite: NaN/Inf output gradients are refused before they reach the weights:
-            ``"raise"`` a ``FloatingPointError`` or ``"skip"`` the step (step count not advanced).
+        nonfinite: NaN/Inf output gradients are refused before they reach the weights
+            (no row or state changes; the step k advances as for every table):
+            ``"raise"`` a ``FloatingPointError`` once backward has finished, or ``"skip"``
+            with a warning.
         weights_init: ``f(table, weight_view)``; TorchRec's default uniform init if None.
         validate_offsets: check offsets are monotone and end at len(indices) (a host sync).
         fused: on CPU, run known chains through the compiled loops of ``fused_cpu``
@@ -199,6 +247,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             col += d
         self._workspace = Workspace()
         self._capture_next = False
+        self._refuse_next_update = False  # a refused Helen capture refuses its second pass too
+        self._refresh_due = False  # FAL's quantile tau must be re-estimated at the next update
+        self._refusals: list[str] = []
         self.captured: list[CapturedRows] = []
         self._perturbed: list[SavedRows] = []
         self._fused = fused_cpu.fused_for(self.chain, device, self.weights.dtype) if fused else None
@@ -249,6 +300,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         return self.learning_rate
 
     def set_learning_rate(self, lr: float) -> None:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+            raise TypeError(f"learning rate must be a number, got {lr!r} ({type(lr).__name__})")
         if not (lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"learning rate must be >= 0 and finite, got {lr}")
         self.learning_rate = float(lr)
@@ -275,6 +328,13 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             raise ValueError(f"epoch {epoch} is before the current epoch {self.epoch}: epochs only go forward")
         self.epoch = int(epoch)
         self.refresh_row_statistics()
+
+    def restore_epoch(self, epoch: int) -> None:
+        """Set the epoch from a checkpoint (may go backwards, unlike :meth:`set_epoch`)."""
+        if epoch < 1:
+            raise ValueError(f"epochs count from 1, got {epoch}")
+        self.epoch = int(epoch)
+        self._refresh_due = True  # the counts may not be loaded yet: re-estimate at the next update
 
     @torch.no_grad()
     def reinit_rows(self, table: int, rows: Tensor, *, seed: int, epoch: int, reset_state: bool = True,
@@ -318,7 +378,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.optimizer_step = int(state["optimizer_step"])
         self.learning_rate = float(state["learning_rate"])
-        self.epoch = int(state["epoch"])
+        self.restore_epoch(int(state["epoch"]))
 
     # ---------------------------------------------------------------- forward
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
@@ -353,7 +413,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         lay = self.layout
         if len(lay.groups) == 1:  # bags are batch-major: the output needs no transpose
             w, _ = self._group_views(lay.groups[0])
-            return self._embedding_bag(w, lookups[0]).view(batch_size, -1)
+            return self._embedding_bag(w, lookups[0]).view(batch_size, self._feature_cols[-1][1])
         pieces: list[Tensor] = [torch.empty(0)] * len(lay.feature_table_map)
         for g, lk in zip(lay.groups, lookups):
             if not g.features:
@@ -375,19 +435,24 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def _fused_backward(self, lookups: list[GroupLookups], batch_size: int, grad_output: Tensor) -> None:
         lay = self.layout
         batches, bad = self._backward_batches(lookups, batch_size, grad_output)
+        self.restore_perturbation()  # a perturbation never outlives the backward it was made for
         if bad:
-            msg = f"non-finite gradient for {bad}"
-            if self.nonfinite == "raise":
-                raise FloatingPointError(msg + "; the update was refused, weights and optimizer state are unchanged")
-            warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=2)
+            self._refuse(bad)
             return
         if self._capture_next:
             self._capture(batches)
             return
-        self.restore_perturbation()
+        if all(b.lookups.bag_lengths.numel() == 0 for b in batches):
+            return  # an empty batch (on every replica) is no training step: nothing changes, k included
         step = self.optimizer_step + 1
-        if self._fal is not None and self._fal.tau_is_ratio and (step - 1) % self.rule.fal.tau_refresh_steps == 0:  # type: ignore[union-attr]
+        if self._refuse_next_update:  # the second pass of a refused Helen step
+            self._refuse_next_update = False
+            self.optimizer_step = step
+            return
+        if self._fal is not None and self._fal.tau_is_ratio and (
+                self._refresh_due or (step - 1) % self.rule.fal.tau_refresh_steps == 0):  # type: ignore[union-attr]
             self.refresh_row_statistics()
+        self._refresh_due = False
         for g, batch in zip(lay.groups, batches):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
@@ -395,12 +460,37 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             w, state = self._group_views(g)
             lr, table = self._row_learning_rates(g, rows)
             if self._fused is not None:
-                upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table)
+                upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate)
                 self._fused.update(fused_cpu.extension(), w, state, upd, grad, step, self.epoch)  # type: ignore[arg-type]
             else:
-                upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table)
+                upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
                 update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
         self.optimizer_step = step
+
+    def _refuse(self, bad: str) -> None:
+        """Refuse this backward's update (see the module docstring): no row changes, k
+        advances unless it was a Helen capture (which updates nothing anyway, and whose
+        second pass is then refused too)."""
+        if self._capture_next:
+            self._capture_next = False
+            self.captured = []
+            self._refuse_next_update = True
+            what = "the step was refused"
+        else:
+            self._refuse_next_update = False
+            self.optimizer_step += 1
+            what = f"the update was refused, weights and optimizer state are unchanged (step k = {self.optimizer_step})"
+        msg = f"non-finite gradient for {bad}; {what}"
+        if self.nonfinite == "skip":
+            warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=3)
+            return
+        self._refusals.append(msg)
+        _REFUSED.add(self)
+        _raise_after_backward()
+
+    def _take_refusals(self) -> list[str]:
+        out, self._refusals = self._refusals, []
+        return out
 
     def _backward_batches(self, lookups: list[GroupLookups], batch_size: int,
                           grad_output: Tensor) -> tuple[list[GroupBatch], str]:
@@ -415,7 +505,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             return batches, ", ".join(bad)
         batches, bad_replicas = self.replicas.gather(batches, bool(bad))
         others = [r for r in bad_replicas if r != self.replicas.index]
-        what = ([", ".join(bad)] if bad else []) + ([f"data-parallel replica(s) {others}"] if others else [])
+        tables = ", ".join(repr(n) for n in dict.fromkeys(t.table_name for t in self.layout.tables))
+        what = ([", ".join(bad)] if bad else []) + (
+            [f"data-parallel replica(s) {others} of table(s) {tables}"] if others else [])
         return batches, " and ".join(what)
 
     # ------------------------------------------------------ Helen (sharpness)
@@ -423,6 +515,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         """The next backward records the touched rows' gradients and updates nothing
         (no weight, state or step change): Helen's first pass."""
         self._capture_next = True
+        self._refuse_next_update = False
         self.captured = []
 
     def _capture(self, batches: list[GroupBatch]) -> None:
@@ -476,7 +569,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         if not g.features:
             return grad_output.new_zeros(0, g.dim)
         if len(self.layout.groups) == 1:
-            return grad_output.contiguous().view(-1, g.dim)
+            return grad_output.contiguous().view(grad_output.shape[0] * len(g.features), g.dim)
         cols = [grad_output[:, a:b] for f in g.features for a, b in [self._feature_cols[f]]]
         return torch.stack(cols, dim=0).reshape(-1, g.dim)
 

@@ -139,7 +139,7 @@ class FusedChain:
             return
         rows = upd.rows
         batch = RowBatch(rows=rows, weight=weight, grad=upd.grad, lr=upd.lr, occurrences=upd.occurrences,
-                         step=step, epoch=epoch, table=upd.table)
+                         step=step, epoch=epoch, table=upd.table, base_lr=upd.base_lr)
         for t in self.row_transforms:
             own = {s.name: state[s.name].index_select(0, rows) for s in t.slots()}
             for name, value in t.update(batch, own).items():

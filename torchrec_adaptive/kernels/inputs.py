@@ -8,6 +8,8 @@ a bad call must fail before any state changes.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,6 +18,31 @@ from .layout import TableLayout
 
 BOUNDS_CHECK_MODES = ("error", "warn", "off")
 NONFINITE_MODES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How a table's kernel treats bad input; per table, from the optimizer kwargs
+    ``bounds_check`` / ``nonfinite`` (``apply_optimizer_in_backward``) or the sharder's
+    defaults. Frozen and hashable: TorchRec groups tables by their fused params, so
+    tables with different options get different kernels."""
+
+    bounds_check: str = "error"
+    nonfinite: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.bounds_check not in BOUNDS_CHECK_MODES:
+            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECK_MODES}, got {self.bounds_check!r}")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
+
+    @staticmethod
+    def split(kwargs: dict[str, Any], default: "KernelOptions | None" = None) -> tuple["KernelOptions", dict[str, Any]]:
+        """(the options named in ``kwargs`` over ``default``, the remaining kwargs: the rule's)."""
+        base = default or KernelOptions()
+        rest = dict(kwargs)
+        return KernelOptions(bounds_check=rest.pop("bounds_check", base.bounds_check),
+                             nonfinite=rest.pop("nonfinite", base.nonfinite)), rest
 
 
 def check_input_tensors(

@@ -54,6 +54,7 @@ class RowUpdate:
     occurrences: Tensor  # [U] float32
     lr: Tensor  # [U, 1]
     table: Tensor | None = None  # [U]
+    base_lr: float | None = None  # the optimizer's lr before kappa and FAL (RowBatch.base_lr)
 
 
 def _gather(ws: Workspace | None, name: str, buf: Tensor, rows: Tensor) -> Tensor:
@@ -80,6 +81,7 @@ def update_rows(
         step=step,
         epoch=epoch,
         table=upd.table,
+        base_lr=upd.base_lr,
         workspace=workspace,
     )
     gathered = {name: _gather(workspace, name, buf, rows) for name, buf in state.items()}

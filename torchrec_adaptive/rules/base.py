@@ -59,6 +59,9 @@ class RowBatch:
     step: int  # global optimizer step k, 1 on the first update
     epoch: int = 1
     table: Tensor | None = None  # [U] int64 table index of each row, None for one table
+    # The optimizer's own learning rate (before kappa and FAL): what FBGEMM's
+    # rowwise_rmsprop_ar shrink reads (interval="fbgemm"); None where no caller set it.
+    base_lr: float | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
     workspace: Any = None  # rules.apply.Workspace: reusable scratch, or None
 

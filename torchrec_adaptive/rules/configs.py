@@ -31,6 +31,25 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+_FLAT_NAME = {v: k for k, v in {"fal_tau": "tau", "fal_power": "power", "fal_min": "min_multiplier",
+                                "fal_epoch_decay": "epoch_decay", "fal_tau_refresh_steps": "tau_refresh_steps",
+                                "fal_tau_is_ratio": "tau_is_ratio"}.items()}
+
+
+def _require_types(config: Any, flat_names: dict[str, str] | None = None) -> None:
+    """Numbers must be numbers (``lr="1e-3"`` from a YAML file is a str): a TypeError
+    naming the argument, instead of one from deep inside a comparison."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        name = (flat_names or {}).get(f.name, f.name)
+        if f.type in ("float", "int") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        if f.type == "bool" and not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+        if f.type == "str" and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+
+
 @dataclass(frozen=True)
 class FALConfig:
     """Frequency-adaptive learning rate, METHODS.md "FAL"; off unless given."""
@@ -45,6 +64,7 @@ class FALConfig:
     tau_refresh_steps: int = 100
 
     def __post_init__(self) -> None:
+        _require_types(self, _FLAT_NAME)
         _require(self.tau_refresh_steps >= 1, f"fal_tau_refresh_steps must be >= 1, got {self.tau_refresh_steps}")
         self.build()  # validates the numbers with the transform's own checks
 
@@ -80,6 +100,7 @@ class RuleConfig:
     fal: FALConfig | None = None
 
     def __post_init__(self) -> None:
+        _require_types(self)
         _require(self.lr >= 0 and math.isfinite(self.lr), f"lr must be >= 0 and finite, got {self.lr}")
         _require(self.lr_multiplier > 0 and math.isfinite(self.lr_multiplier),
                  f"lr_multiplier must be > 0, got {self.lr_multiplier}")
@@ -108,6 +129,8 @@ class RuleConfig:
                 f"{cls.name}: unknown argument(s) {unknown}; accepted: {sorted(known | set(_FAL_KWARGS))}"
             )
         if "betas" in kwargs:
+            if any(isinstance(b, bool) or not isinstance(b, (int, float)) for b in kwargs["betas"]):
+                raise TypeError(f"betas must be two numbers, got {kwargs['betas']!r}")
             betas = tuple(float(b) for b in kwargs["betas"])
             _require(len(betas) == 2, f"betas must be a pair, got {kwargs['betas']!r}")
             kwargs["betas"] = betas

@@ -66,6 +66,11 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
     config_type: ClassVar[type[RuleConfig]] = RuleConfig
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> None:
+        from ..kernels.inputs import KernelOptions  # kernels import rules: not at module level
+
+        # bounds_check / nonfinite are the kernel's per-table options (the sharder reads them
+        # from these kwargs); unsharded, nonfinite="skip" skips the table's update with a warning.
+        self.kernel_options, kwargs = KernelOptions.split(kwargs)
         self.config = self.rule_config(**kwargs)
         defaults = self.config.to_kwargs()
         defaults["epoch"] = 1
@@ -112,6 +117,10 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{type(self).__name__} updates embedding tables (2-D), got shape {tuple(p.shape)}")
                 grad = p.grad
                 if not torch.isfinite(grad._values() if grad.is_sparse else grad).all():
+                    if self.kernel_options.nonfinite == "skip":
+                        warnings.warn(f"{type(self).__name__}: non-finite gradient for a table of shape "
+                                      f"{tuple(p.shape)}; its update was skipped", RuntimeWarning, stacklevel=2)
+                        continue
                     raise FloatingPointError(
                         f"{type(self).__name__}: non-finite gradient for a table of shape {tuple(p.shape)}; "
                         "the update was refused and weights/state are unchanged"
@@ -125,7 +134,7 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                     self._warn_dense_counts(p)
                 rows, g, occ = _touched_rows(grad, looked_up)
                 lr = torch.full((rows.numel(), 1), group["lr"] * group["lr_multiplier"], device=p.device)
-                update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr), group["step"], group["epoch"])
+                update_rows(chain, p.data, state, RowUpdate(rows, g, occ, lr, base_lr=group["lr"]), group["step"], group["epoch"])
         return loss
 
     def _warn_dense_counts(self, p: Tensor) -> None:
@@ -137,6 +146,21 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
                 "counts every lookup, duplicates included); look it up through nn.EmbeddingBag or use sparse=True",
                 RuntimeWarning, stacklevel=3,
             )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that the row slots keep their own dtypes: torch casts every
+        state tensor to the parameter's dtype, which would turn s_r (int64) and c_r
+        (float64) into float32, exact only to 2^24. Float32 counts of older state load."""
+        saved = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        dtypes = {s.name: s.dtype for s in self.config.build().slots() if s.dtype != torch.float32}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, slots in saved.items():
+            p = params[index]
+            for name, dtype in dtypes.items():
+                value = slots.get(name)
+                if isinstance(value, Tensor):
+                    self.state[p][name] = value.to(device=p.device, dtype=dtype)
 
     def _refresh_frequency_threshold(self, chain: RowChain, state: dict[str, Tensor], step: int) -> None:
         fal = self.config.fal
@@ -193,4 +217,7 @@ def config_from_optimizer(cls: type, kwargs: dict[str, Any]) -> RuleConfig:
     """The kernel config for ``apply_optimizer_in_backward(cls, ..., kwargs)``."""
     if not is_adaptive_optimizer(cls):
         raise TypeError(f"{cls!r} is not a torchrec_adaptive optimizer; use one of {[c.__name__ for c in ADAPTIVE_OPTIMIZERS]}")
-    return cls.rule_config(**dict(kwargs))  # type: ignore[attr-defined]
+    from ..kernels.inputs import KernelOptions
+
+    _, rule_kwargs = KernelOptions.split(dict(kwargs))  # the kernel options are validated, not the rule's
+    return cls.rule_config(**rule_kwargs)  # type: ignore[attr-defined]

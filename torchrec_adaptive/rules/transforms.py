@@ -76,7 +76,9 @@ class track_row_history(_Validated):  # noqa: N801 - optax-style factory name
                f"count_half_life must be >= 0 and finite, got {self.half_life}")
 
     def slots(self) -> tuple[StateSlot, ...]:
-        return (StateSlot(LAST_STEP, torch.int64), StateSlot(COUNT, torch.float32))
+        # c_r in float64: exact for integer counts up to 2^53 (float32 stops at 2^24,
+        # which a hot row of a long job passes); a half-life makes it fractional.
+        return (StateSlot(LAST_STEP, torch.int64), StateSlot(COUNT, torch.float64))
 
     def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
         last = state[LAST_STEP]
@@ -100,7 +102,10 @@ class add_adaptive_row_decay(_RowDecay):  # noqa: N801
     decaying by (1 - alpha) on every skipped step.
     ``fbgemm``: FBGEMM's ``rowwise_rmsprop_ar`` parametrization,
     shrink = max(min_shrinkage, 1 - clip(lr alpha (k - s_r), 0, 1)), with
-    k - s_r = 1 on first touch, so users can match that kernel.
+    k - s_r = 1 on first touch, so users can match that kernel. ``lr`` there is the
+    optimizer's learning rate (``RowBatch.base_lr``), not the row's lr after kappa
+    and FAL: FBGEMM's kernel reads its one ``learning_rate_tensor``
+    (``fbgemm_gpu/split_embedding_codegen_lookup_invokers/lookup_rowwise_rmsprop_ar.py``).
     """
 
     alpha: float = 1e-3
@@ -127,7 +132,9 @@ class add_adaptive_row_decay(_RowDecay):  # noqa: N801
             return torch.pow(1.0 - self.alpha, skipped)
         first = batch.extras["skipped"] == batch.step - 1  # s_r == 0: never touched
         delta = torch.where(first, torch.ones_like(skipped), skipped + 1.0)
-        shrink = 1.0 - torch.clamp(batch.lr.squeeze(1) * self.alpha * delta, 0.0, 1.0)
+        if batch.base_lr is None:
+            raise ValueError("interval='fbgemm' needs the optimizer's learning rate (RowBatch.base_lr)")
+        shrink = 1.0 - torch.clamp(batch.base_lr * self.alpha * delta, 0.0, 1.0)
         return torch.clamp(shrink, min=self.min_shrinkage)
 
 
