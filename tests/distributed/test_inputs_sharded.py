@@ -180,7 +180,7 @@ def epoch_worker(rank: int, path: str) -> Dict[str, Any]:
                 value.pop("epoch", None)
     dcp.save(old, checkpoint_id=f"{path}/old")
     c = build()
-    checkpoint.load(c, f"{path}/old")
+    checkpoint.load(c, f"{path}/old", verify_files=False)  # plain dcp.save: no manifest, as before issue 12
     assert sorted({k.epoch for k in _kernels(c)}) == [1]
     assert all(k.optimizer_step == 1 for k in _kernels(c))
     return {"epochs": epochs}

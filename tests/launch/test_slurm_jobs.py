@@ -106,7 +106,7 @@ def test_a_failing_config_fails_with_the_rank_and_its_error(tmp_path):
     status = _torchx("status", handle, timeout=60).text
     assert "State: FAILED" in status, status
     msg = re.search(r"Msg: (.*)", status).group(1)
-    assert re.search(r"dlrm_out/0: rank \d \(local_rank: \d\): FileNotFoundError: .*no_such_day\.tsv", msg), status
+    assert re.search(r"dlrm_out/0: rank \d \(local_rank: \d\): \S*DataError: data file not found: .*no_such_day\.tsv", msg), status
     log = _torchx("log", handle, timeout=60).text
     assert "Root Cause (first observed failure)" in log and "no_such_day.tsv" in log, log[-3000:]
     assert "JobState=FAILED" in _job(handle)
