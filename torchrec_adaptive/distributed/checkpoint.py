@@ -59,9 +59,6 @@ from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT, drop_absent_epochs
 
 
 MANIFEST = "manifest.json"
-# Optimizer-state slots a newer version adds to each table's state: an older checkpoint
-# without them still loads, leaving the model's value (e.g. the training epoch).
-OPTIONAL_SLOTS = ("epoch",)
 
 
 class CheckpointError(ValueError):
@@ -302,10 +299,6 @@ def _table_of_saved_key(key: str) -> str:
     return rest
 
 
-def _optional(key: str) -> bool:
-    return key.startswith("optim.state.") and key.rsplit(".", 1)[-1] in OPTIONAL_SLOTS
-
-
 def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None,
           state: Optional[Dict[str, Any]] = None, *, verify_files: bool = True, checksums: bool = True,
           strict: bool = True) -> Dict[str, Any]:
@@ -334,8 +327,7 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
     for key, value in flat.items():
         where = key.split(".state.", 1)[1] if key.startswith("optim.state.") else key
         if key not in metadata:
-            if not _optional(key):  # a slot newer than the checkpoint keeps the model's value
-                by_table.setdefault(where, []).append("missing")
+            by_table.setdefault(where, []).append("missing")
             continue
         md = metadata[key]
         want = _global_shape(value)
@@ -403,12 +395,9 @@ def load(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Proc
     written by plain ``dcp.save`` (no manifest)."""
     state = check(model, checkpoint_id, process_group, state=state_dict(model, extra), verify_files=verify_files,
                   checksums=checksums, strict=strict)
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-
     try:
-        # check() found every key but OPTIONAL_SLOTS: a partial load can only skip those.
-        dcp.load(state, checkpoint_id=checkpoint_id, process_group=process_group,
-                 planner=DefaultLoadPlanner(allow_partial_load=True))
+        # check() found every key of ``state`` in the checkpoint (the epoch of an older one was dropped)
+        dcp.load(state, checkpoint_id=checkpoint_id, process_group=process_group)
     except (Exception, dcp.CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointDamaged(
             f"checkpoint {checkpoint_id!r}: reading failed although its files matched the manifest "
