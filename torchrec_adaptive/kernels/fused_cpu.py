@@ -37,7 +37,6 @@ from ..rules.transforms import (
     scale_by_row_adam,
     scale_by_row_frequency,
     scale_by_rowwise_adagrad,
-    scale_by_rowwise_rmsprop,
     track_row_history,
 )
 
@@ -101,7 +100,7 @@ class FusedChain:
 
     row_transforms: tuple[RowTransform, ...]
     keep_transforms: tuple[Any, ...]
-    base: scale_by_row_adam | scale_by_rowwise_adagrad | scale_by_rowwise_rmsprop
+    base: scale_by_row_adam | scale_by_rowwise_adagrad  # row-wise RMSprop included (a subclass)
     l2: add_l2_to_row_grad | None
 
     @staticmethod
@@ -111,7 +110,7 @@ class FusedChain:
         if len(ts) < 2 or not isinstance(ts[-1], apply_row_update):
             return None
         base = ts[-2]
-        if not isinstance(base, (scale_by_row_adam, scale_by_rowwise_adagrad, scale_by_rowwise_rmsprop)):
+        if not isinstance(base, (scale_by_row_adam, scale_by_rowwise_adagrad)):
             return None
         rows: list[RowTransform] = []
         keeps: list[Any] = []
@@ -161,12 +160,8 @@ class FusedChain:
         else:
             l2 = self.l2.weight_decay if self.l2 is not None else 0.0
             # one row-wise loop: Adagrad accumulates (1, 1), RMSprop averages (beta, 1 - beta)
-            if isinstance(self.base, scale_by_rowwise_rmsprop):
-                acc_decay, sq_scale = self.base.ema_beta, 1.0 - self.base.ema_beta
-            else:
-                acc_decay, sq_scale = 1.0, 1.0
             ext.rowwise_adagrad_rows_(weight, state["momentum"], *lookups, lr, keep_arg, self.base.eps, l2,
-                                      acc_decay, sq_scale)
+                                      *self.base.accumulation())
 
 
 def fused_for(chain: RowChain, device: torch.device, dtype: torch.dtype) -> FusedChain | None:

@@ -174,7 +174,12 @@ class add_l2_to_row_grad(_Validated):  # noqa: N801
 
 @dataclass
 class scale_by_rowwise_adagrad(_Validated):  # noqa: N801
-    """FBGEMM's EXACT_ROWWISE_ADAGRAD: G_r += mean_j g_rj^2; direction = g / (sqrt(G_r) + eps)."""
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD: G_r += mean_j g_rj^2; direction = g / (sqrt(G_r) + eps).
+
+    The accumulation is ``G_r <- decay G_r + scale mean_j g_rj^2`` with (decay, scale) from
+    :meth:`accumulation`, (1, 1) here (exact: multiplying by 1 rounds nothing), so row-wise
+    RMSprop is this transform with other coefficients, and the fused CPU loop reads them too.
+    """
 
     eps: float = 1e-8
 
@@ -184,15 +189,20 @@ class scale_by_rowwise_adagrad(_Validated):  # noqa: N801
     def slots(self) -> tuple[StateSlot, ...]:
         return (StateSlot("momentum", torch.float32),)
 
+    def accumulation(self) -> tuple[float, float]:
+        """(decay of the old accumulator, scale of this step's mean squared gradient)."""
+        return 1.0, 1.0
+
     def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
         g = batch.grad
-        acc = state["momentum"] + g.square().mean(dim=1)
+        decay, scale = self.accumulation()
+        acc = state["momentum"] * decay + g.square().mean(dim=1) * scale
         batch.grad = g / (acc.sqrt() + self.eps).unsqueeze(1)
         return {"momentum": acc}
 
 
 @dataclass
-class scale_by_rowwise_rmsprop(_Validated):  # noqa: N801
+class scale_by_rowwise_rmsprop(scale_by_rowwise_adagrad):  # noqa: N801
     """FBGEMM's row-wise RMSprop (the base of its ``ROWWISE_RMSPROP_AR``):
     v_r <- beta v_r + (1 - beta) mean_j g_rj^2; direction = g / (sqrt(v_r) + eps).
 
@@ -202,20 +212,13 @@ class scale_by_rowwise_rmsprop(_Validated):  # noqa: N801
     """
 
     ema_beta: float = 0.99
-    eps: float = 1e-8
 
     def validate(self) -> None:
+        super().validate()
         _check(0.0 <= self.ema_beta < 1.0, f"ema_beta must be in [0, 1), got {self.ema_beta}")
-        _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
 
-    def slots(self) -> tuple[StateSlot, ...]:
-        return (StateSlot("momentum", torch.float32),)
-
-    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        g = batch.grad
-        v = state["momentum"] * self.ema_beta + g.square().mean(dim=1) * (1.0 - self.ema_beta)
-        batch.grad = g / (v.sqrt() + self.eps).unsqueeze(1)
-        return {"momentum": v}
+    def accumulation(self) -> tuple[float, float]:
+        return self.ema_beta, 1.0 - self.ema_beta
 
 
 @dataclass
