@@ -176,26 +176,30 @@ def compare_sharded(name: str, value: Any, ref: torch.Tensor, tol: float, replic
     raise AssertionError(f"{name}: expected a ShardedTensor, got {type(value).__name__}")
 
 
+def shard_with_plan(model: nn.Module, ebc: EmbeddingBagCollection, per_param: Dict[str, Any]) -> DistributedModelParallel:
+    """``model`` (holding ``ebc`` as ``model.ebc``) under DMP on the default group, with ``per_param``
+    as ``ebc``'s plan and our sharders."""
+    from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
+
+    world = dist.get_world_size()
+    module_plan = construct_module_sharding_plan(ebc, per_param_sharding=per_param, local_size=world, world_size=world,
+                                                 device_type="cpu", sharder=AdaptiveEmbeddingBagCollectionSharder())
+    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                    device=torch.device("cpu"), plan=ShardingPlan({"ebc": module_plan}),
+                                    sharders=sharders())
+
+
 def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: Dict[str, Any], steps: int,
                       tol: float, pooling_check: bool = True,
                       after_step: Optional[Callable[[nn.Module, KeyedJaggedTensor], None]] = None) -> Dict[str, Any]:
     """Trains ``steps`` steps sharded and in one process; checks every local shard (see the module docstring),
     and that the replicas of data-parallel tables are bit-identical across ranks. ``after_step(model, kjt)``
     runs on the sharded model after each step (e.g. an evaluation pass, which must change nothing)."""
-    from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
-
     t0 = time.perf_counter()
     ebc = make_ebc()
     init = {k: v.detach().clone() for k, v in ebc.state_dict().items()}
     apply_optimizer_in_backward(opt_cls, ebc.embedding_bags.parameters(), dict(opt_kwargs))
-    module_plan = construct_module_sharding_plan(
-        ebc, per_param_sharding=per_param_sharding(sharding_type), local_size=WORLD_SIZE, world_size=WORLD_SIZE,
-        device_type="cpu", sharder=AdaptiveEmbeddingBagCollectionSharder(),
-    )
-    model = DistributedModelParallel(
-        Wrapper(ebc), env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
-        plan=ShardingPlan({"ebc": module_plan}), sharders=sharders(),
-    )
+    model = shard_with_plan(Wrapper(ebc), ebc, per_param_sharding(sharding_type))
     # DMP re-initializes sharded tables on CPU; load the unsharded init (tests TorchRec's load path too).
     model.load_state_dict({f"ebc.{k}": v for k, v in init.items()})
 
@@ -468,17 +472,11 @@ def dcp_worker(rank: int, sharding_type: str, path: str) -> Dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
     import torchrec_adaptive as ta
-    from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
 
     def build() -> DistributedModelParallel:
         ebc = make_ebc()
         apply_optimizer_in_backward(ta.AdamAR, ebc.embedding_bags.parameters(), {"lr": 0.05, "alpha": 1e-2})
-        module_plan = construct_module_sharding_plan(
-            ebc, per_param_sharding=per_param_sharding(sharding_type), local_size=WORLD_SIZE, world_size=WORLD_SIZE,
-            device_type="cpu", sharder=AdaptiveEmbeddingBagCollectionSharder())
-        return DistributedModelParallel(Wrapper(ebc), env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                        device=torch.device("cpu"), plan=ShardingPlan({"ebc": module_plan}),
-                                        sharders=sharders())
+        return shard_with_plan(Wrapper(ebc), ebc, per_param_sharding(sharding_type))
 
     a = build()
     _train_steps(a, rank, 3)

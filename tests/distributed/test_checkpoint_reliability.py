@@ -28,10 +28,9 @@ import torch.distributed as dist
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.sharding_plan import construct_module_sharding_plan
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-from .harness import TABLES, Wrapper, _local_shards, _train_steps, make_ebc, per_param_sharding, run_ranks
+from .harness import (TABLES, Wrapper, _local_shards, _train_steps, make_ebc, per_param_sharding, run_ranks,
+                      shard_with_plan)
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _build(tables: Any = None) -> DistributedModelParallel:
     import torchrec_adaptive as ta
-    from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
 
     if tables is None:
         ebc = make_ebc()
@@ -49,13 +47,7 @@ def _build(tables: Any = None) -> DistributedModelParallel:
     apply_optimizer_in_backward(ta.AdamAR, ebc.embedding_bags.parameters(), {"lr": 0.05, "alpha": 1e-2})
     names = {n for n, *_ in (tables or TABLES)}
     per_param = {k: v for k, v in per_param_sharding("row_wise").items() if k in names}
-    world = dist.get_world_size()
-    module_plan = construct_module_sharding_plan(ebc, per_param_sharding=per_param, local_size=world,
-                                                 world_size=world, device_type="cpu",
-                                                 sharder=AdaptiveEmbeddingBagCollectionSharder())
-    return DistributedModelParallel(Wrapper(ebc), env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                    device=torch.device("cpu"), plan=ShardingPlan({"ebc": module_plan}),
-                                    sharders=sharders())
+    return shard_with_plan(Wrapper(ebc), ebc, per_param)
 
 
 def _same(a: Dict[str, List[torch.Tensor]], b: Dict[str, List[torch.Tensor]]) -> bool:

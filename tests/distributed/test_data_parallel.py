@@ -25,15 +25,15 @@ from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimi
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, row_wise
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.sharding_plan import data_parallel, row_wise
+from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 import torchrec_adaptive as ta
 
 from .harness import (
     BATCH_PER_RANK, TABLES, WORLD_SIZE, Wrapper, assert_replicas_identical, global_batches, kjt_for, make_ebc,
-    per_param_sharding, run_ranks,
+    per_param_sharding, run_ranks, shard_with_plan,
 )
 
 pytestmark = pytest.mark.distributed
@@ -64,16 +64,9 @@ def _our_kernels(model: nn.Module) -> List[ta.BatchedAdaptiveEmbeddingBag]:
 
 
 def _build(plan: Dict[str, Any], ours: List[str]) -> DistributedModelParallel:
-    from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
-
     ebc = make_ebc()
     apply_optimizer_in_backward(ta.AdamAR, [ebc.embedding_bags[n].weight for n in ours], dict(ADAMAR))
-    module_plan = construct_module_sharding_plan(ebc, per_param_sharding=plan, local_size=WORLD_SIZE,
-                                                 world_size=WORLD_SIZE, device_type="cpu",
-                                                 sharder=AdaptiveEmbeddingBagCollectionSharder())
-    return DistributedModelParallel(_WithHead(ebc), env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                    device=torch.device("cpu"), plan=ShardingPlan({"ebc": module_plan}),
-                                    sharders=sharders())
+    return shard_with_plan(_WithHead(ebc), ebc, plan)
 
 
 def _train(model: DistributedModelParallel, rank: int, steps: int) -> None:
