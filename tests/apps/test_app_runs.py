@@ -186,20 +186,30 @@ def test_a_rank_killed_mid_training_fails_the_job_naming_it(study, tmp_path):
     import time
 
     base, _, _ = study
-    out = tmp_path / "killed"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "torchrec_adaptive.apps.dlrm.train",
-           "--config", str(base / "adam.yaml"), "--out", str(out), "--set", "train.epochs=50"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while not (out / "metrics.jsonl").exists():  # rank 0 writes it after epoch 1: both ranks are training
-            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before epoch 1"
-            time.sleep(0.5)
-        victim = next(p for p in _children(proc.pid) if _rank_of(p) == 1)
-        os.kill(victim, signal.SIGKILL)
-        text, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def kill_rank_1(out):
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m",
+               "torchrec_adaptive.apps.dlrm.train", "--config", str(base / "adam.yaml"), "--out", str(out),
+               "--set", "train.epochs=50"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 300
+            while not (out / "metrics.jsonl").exists():  # rank 0 writes it after epoch 1: both ranks are training
+                assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before epoch 1"
+                time.sleep(0.5)
+            victim = next(p for p in _children(proc.pid) if _rank_of(p) == 1)
+            os.kill(victim, signal.SIGKILL)
+            text, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        return proc, text
+
+    proc, text = kill_rank_1(tmp_path / "killed")
+    # torchrun itself can crash reading rank 0's error file while that rank is being torn down
+    # (an empty file: JSONDecodeError in torch's _capture_process_failures), an upstream race that
+    # says nothing about our app; seen once in several CI runs. Then the probe runs once more.
+    if "_capture_process_failures" in text and "JSONDecodeError" in text:
+        proc, text = kill_rank_1(tmp_path / "killed_again")
     assert proc.returncode != 0
     assert "rank" in text and ": 1 (local_rank: 1)" in text and "SIGKILL" in text, text[-3000:]
