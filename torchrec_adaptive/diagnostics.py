@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .collectives import collective_device
 from .epochs import all_modules
 from .kernels.batched import BatchedAdaptiveEmbeddingBag
 from .rules.optimizers import AdaptiveRowOptimizer
@@ -74,18 +75,21 @@ def row_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Per-table row statistics of ``model`` (see the module docstring), summed over ranks."""
     local: dict[str, Tensor] = {}
     width = 4 * NUM_BUCKETS + 3  # count, idle, sq norm, norm histograms; rows, untouched, column-sharded
+    # On the rows' device (a GPU's rows are never copied to the host), then on the device the
+    # process group reduces on (NCCL: the rank's GPU); read on the host only by the caller.
+    where = collective_device()
     for name, w, counts, last, k, full, primary in _local_rows(model):
-        v = local.setdefault(name, torch.zeros(width, dtype=torch.float64))
-        cb = _bucket(counts).cpu()
-        sq = w.double().pow(2).sum(dim=1).cpu()
+        v = local.setdefault(name, torch.zeros(width, dtype=torch.float64, device=w.device))
+        cb = _bucket(counts)
+        sq = w.double().pow(2).sum(dim=1)
         v[2 * NUM_BUCKETS : 3 * NUM_BUCKETS] += torch.bincount(cb, weights=sq, minlength=NUM_BUCKETS)
         if primary:  # row-level quantities once per row, not once per column shard
-            touched = (counts > 0).cpu()
+            touched = counts > 0
             v[:NUM_BUCKETS] += torch.bincount(cb, minlength=NUM_BUCKETS).double()
-            idle = (k - last - 1).cpu()[touched]
+            idle = (k - last - 1)[touched]
             v[NUM_BUCKETS : 2 * NUM_BUCKETS] += torch.bincount(_bucket(idle), minlength=NUM_BUCKETS).double()
             v[-3] += counts.numel()
-            v[-2] += float((~touched).sum())
+            v[-2] += (~touched).sum()
         if full:
             v[3 * NUM_BUCKETS : 4 * NUM_BUCKETS] += torch.bincount(cb, weights=sq.sqrt(), minlength=NUM_BUCKETS)
         else:
@@ -95,7 +99,9 @@ def row_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, names)
         names = sorted(set().union(*gathered))
-        stacked = torch.stack([local.get(n, torch.zeros(width, dtype=torch.float64)) for n in names]) if names else torch.zeros(0, width, dtype=torch.float64)
+        zeros = torch.zeros(width, dtype=torch.float64, device=where)
+        stacked = (torch.stack([local[n].to(where) if n in local else zeros for n in names]) if names
+                   else torch.zeros(0, width, dtype=torch.float64, device=where))
         torch.distributed.all_reduce(stacked)
         local = dict(zip(names, stacked))
     out: dict[str, dict[str, Tensor]] = {}
