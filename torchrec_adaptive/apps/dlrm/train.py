@@ -299,7 +299,8 @@ class TrainRecipe:
                 "test_rows": result.pop("rows"), "test_ctr": result.pop("ctr"), "buckets": result.pop("buckets"),
                 "steps": steps, "train_seconds": trained.seconds,
                 "samples_per_s_per_rank": steps * t.batch_size / trained.seconds,
-                "reinit_rows": trained.reinit_rows}
+                "reinit_rows": trained.reinit_rows,
+                "device": str(self.device), "process_group": str(dist.get_backend()), "pipeline": self.pipeline}
 
     def log_epoch(self, record_: dict[str, Any]) -> None:
         """Collective (row diagnostics); rank 0 appends the metrics and diagnostics lines and prints."""
