@@ -139,3 +139,30 @@ def test_sparse_dist_pipeline_is_the_default_on_cuda():
     assert resolve_pipeline("auto", cuda, helen=True) == "plain"  # Helen: two passes per step
     assert resolve_pipeline("plain", cuda, helen=False) == "plain"
     assert load_config(ROOT / "configs/synthetic/adamar.yaml").train.pipeline == "auto"
+
+
+def test_the_input_thread_pins_batches_for_a_gpu(tmp_path, one_rank, monkeypatch):
+    """For a GPU, batches reach the step in page-locked memory (so ``non_blocking`` copies are
+    asynchronous), pinned in the input thread, off the step, with the rank's GPU made current there.
+    No GPU here: pinning is recorded, not done."""
+    import threading
+
+    pinned: list[str] = []
+    current: list[tuple[str, torch.device]] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(threading.current_thread().name)
+                        or self)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append((threading.current_thread().name, d)))
+    cfg_path = tmp_path / "placement.yaml"
+    cfg_path.write_text(TINY.format(root=ROOT))
+    r = TrainRecipe(load_config(cfg_path), tmp_path / "run", device_kind="cpu")
+    r.setup_data()
+    gpu = torch.device("cuda", 1)
+    kw = dict(epoch=1, seed=0, shuffle=True, rank=0, world=1, steps=r.steps, shuffle_rows=64, prefetch=2)
+    assert len(list(r.data.train_batches(64, **kw))) == r.steps and not pinned  # CPU training: nothing pinned
+    batches = list(r.data.train_batches(64, device=gpu, **kw))
+    assert len(batches) == r.steps and current == [("dlrm-input", gpu)]
+    # dense, labels and the KJT's values, lengths (and offsets) of every batch, all in the input thread
+    assert len(pinned) >= 4 * r.steps and set(pinned) == {"dlrm-input"}
+    pinned.clear()
+    evals = list(r.data.eval_batches(r.buckets, 128, rank=0, world=1, prefetch=2, device=gpu))
+    assert evals and len(pinned) >= 6 * len(evals) and set(pinned) == {"dlrm-input"}  # batch, bucket, valid
