@@ -63,6 +63,7 @@ def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
         ("data: {synthetic: {click_rate: 2}}\n", r"data.synthetic: click_rate must be in \(0, 1\)"),
         ("data: {synthetic: {zipff: 2}}\n", r"unknown key 'data.synthetic.zipff' \(did you mean 'zipf'\?\)"),
         ("helen: {rho: 0.1}\ntrain: {pipeline: sparse_dist}\n", r"helen runs two passes"),
+        ("model: {mlet: {inner_dim: 32}}\ntrain: {pipeline: sparse_dist}\n", r"mlet: TrainPipelineSparseDist cannot"),
         ("sparse_optimizer: {name: stock_rowwise_adagrad, kwargs: {lr: 0.1}}\nhelen: {}\n", r"helen needs a torchrec_adaptive"),
         ("train: {freq_buckets: [10, 1]}\n", r"freq_buckets must be increasing"),
         ("- a\n- b\n", r"top level must be a mapping"),

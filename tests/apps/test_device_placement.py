@@ -134,11 +134,14 @@ def test_row_statistics_stay_on_the_device_and_reduce_there(one_rank, monkeypatc
 
 def test_sparse_dist_pipeline_is_the_default_on_cuda():
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert resolve_pipeline("auto", cuda, helen=False) == "sparse_dist"
-    assert resolve_pipeline("auto", cpu, helen=False) == "plain"
-    assert resolve_pipeline("auto", cuda, helen=True) == "plain"  # Helen: two passes per step
-    assert resolve_pipeline("plain", cuda, helen=False) == "plain"
-    assert load_config(ROOT / "configs/synthetic/adamar.yaml").train.pipeline == "auto"
+    cfg = {m: load_config(ROOT / f"configs/synthetic/{m}.yaml") for m in ("adamar", "helen", "mlet", "stock_adam")}
+    assert cfg["adamar"].train.pipeline == "auto"
+    assert resolve_pipeline(cfg["adamar"], cuda) == "sparse_dist" == resolve_pipeline(cfg["stock_adam"], cuda)
+    assert resolve_pipeline(cfg["adamar"], cpu) == "plain"
+    assert resolve_pipeline(cfg["helen"], cuda) == "plain"  # two passes per step
+    assert resolve_pipeline(cfg["mlet"], cuda) == "plain"  # the pipeline cannot trace MLET's tables
+    plain = load_config(ROOT / "configs/synthetic/adamar.yaml", ["train.pipeline=plain"])
+    assert resolve_pipeline(plain, cuda) == "plain"
 
 
 def test_the_input_thread_pins_batches_for_a_gpu(tmp_path, one_rank, monkeypatch):

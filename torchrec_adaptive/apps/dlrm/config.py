@@ -306,6 +306,8 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
     if m.mlet is not None:
         need(m.mlet.inner_dim >= m.embedding_dim,
              f"model.mlet.inner_dim ({m.mlet.inner_dim}) must be >= model.embedding_dim ({m.embedding_dim})")
+        need(t.pipeline != "sparse_dist", "mlet: TrainPipelineSparseDist cannot trace its factorized tables "
+             "(torch.fx TraceError): train.pipeline must be 'plain' (or 'auto')")
     need(so.name in OURS + STOCK, f"sparse_optimizer.name must be one of {OURS + STOCK}, got {so.name!r}")
     need("lr" in so.kwargs, "sparse_optimizer.kwargs must set lr")
     if so.name in OURS:

@@ -141,14 +141,15 @@ def _truncate_metrics(path: Path, after_epoch: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def resolve_pipeline(pipeline: str, device: torch.device, helen: bool) -> str:
+def resolve_pipeline(cfg: RunConfig, device: torch.device) -> str:
     """``auto``: TorchRec's ``TrainPipelineSparseDist`` on CUDA (it overlaps the next batch's
     input all-to-all with this batch's compute on a side stream), the plain loop on CPU
-    (nothing runs asynchronously there: no gain, docs/performance.md) and for Helen (two
-    passes per step)."""
-    if pipeline != "auto":
-        return pipeline
-    return "sparse_dist" if device.type == "cuda" and not helen else "plain"
+    (nothing runs asynchronously there: no gain, docs/performance.md), for Helen (two passes
+    per step) and for MLET (the pipeline's fx trace of the model fails on its tables)."""
+    if cfg.train.pipeline != "auto":
+        return cfg.train.pipeline
+    plain_only = cfg.helen is not None or cfg.model.mlet is not None
+    return "sparse_dist" if device.type == "cuda" and not plain_only else "plain"
 
 
 @dataclass
@@ -201,7 +202,7 @@ class TrainRecipe:
         torch.manual_seed(t.seed)
         self.setup_data()
         self.setup_model()
-        self.pipeline = resolve_pipeline(t.pipeline, self.device, self.helen is not None)
+        self.pipeline = resolve_pipeline(cfg, self.device)
         if self.plan.candidates:
             self.first_epoch = self._resume() + 1
 
