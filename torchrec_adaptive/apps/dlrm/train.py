@@ -191,7 +191,7 @@ class TrainRecipe:
         self.helen: Any = None
         self.steps = 0
         self.first_epoch = 1
-        self.pipeline = "plain"
+        self.pipeline = resolve_pipeline(cfg, self.device)
 
     # --- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -202,7 +202,6 @@ class TrainRecipe:
         torch.manual_seed(t.seed)
         self.setup_data()
         self.setup_model()
-        self.pipeline = resolve_pipeline(cfg, self.device)
         if self.plan.candidates:
             self.first_epoch = self._resume() + 1
 
