@@ -4,11 +4,15 @@ fused kernels, in the same process, on the same batches.
     .venv/bin/python benchmarks/kernel_step.py                # the issue's shape: 26 x 100k x 64, B=4096
     .venv/bin/python benchmarks/kernel_step.py --quick        # a small shape, for a smoke run
     .venv/bin/python benchmarks/kernel_step.py --json out.json
+    .venv/bin/python benchmarks/kernel_step.py --device cuda  # on a GPU: also FBGEMM's fused ADAM; HBM floor
+    .venv/bin/python benchmarks/kernel_step.py --floor-only --bandwidth-gbps 3350 4800  # on paper (H100, H200)
 
 Prints the median step time of each, its ratio to FBGEMM's fused
 EXACT_ROWWISE_ADAGRAD (the only fused adaptive optimizer FBGEMM runs on CPU;
-on CUDA also fused ADAM), and the memory-bandwidth floor: the bytes a step must
-touch divided by the bandwidth of a large tensor copy measured here.
+on CUDA also to fused ADAM, the stock twin of our Adam/AdamAR), and the
+memory-bandwidth floor: the bytes a step must touch divided by the bandwidth of a
+large tensor copy measured on the device (on a GPU: its HBM). ``--floor-only`` times
+nothing: it prints each case's bytes per step and the floor at the given bandwidths.
 """
 
 from __future__ import annotations
@@ -131,6 +135,41 @@ def ours(shape: Shape, cls, kwargs, device: torch.device) -> torch.nn.Module:
     return BatchedAdaptiveEmbeddingBag(specs, cls.rule_config(**kwargs), device=device, validate_offsets=False)
 
 
+FBGEMM_ADAM = "fbgemm ADAM"
+
+
+def measured_cases(shape: Shape, device: torch.device) -> list[tuple[str, Callable[[], torch.nn.Module], int, int]]:
+    """(name, builder, optimizer-state bytes per row, optimizer-state floats per element) after FBGEMM's
+    row-wise Adagrad, which is first: the ratios' base."""
+    return [
+        (FBGEMM_ADAM, lambda: fbgemm_module(shape, "ADAM", device), 0, 2),  # CUDA only (FBGEMM has no CPU Adam)
+        ("ours RowWiseAdagrad", lambda: ours(shape, tra.RowWiseAdagrad, {"lr": 0.01}, device), 16, 0),
+        ("ours Adam", lambda: ours(shape, tra.Adam, {"lr": 0.01}, device), 12, 2),
+        ("ours AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3}, device), 12, 2),
+        ("ours FAL+AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3, "fal_tau": 10.0}, device), 12, 2),
+    ]
+
+
+def floors(shape: Shape, poolings: list[int], gbps: list[float], out: str | None) -> int:
+    """Bytes per step of every case (the batches are drawn on the CPU; nothing is timed) and the step
+    time they mean at each bandwidth: the floor no kernel beats on that memory."""
+    cpu = torch.device("cpu")
+    cases = [("fbgemm EXACT_ROWWISE_ADAGRAD", None, 4, 0)] + measured_cases(shape, cpu)
+    rows = []
+    for pooling in poolings:
+        batches = make_batches(shape, pooling, 1, cpu)
+        for name, _, row_bytes, elem_states in cases:
+            moved = bytes_touched(shape, batches, row_bytes, elem_states)
+            rows.append({"pooling": pooling, "case": name, "bytes": moved,
+                         "floor_ms": {f"{g:g}": moved / (g * 1e9) * 1e3 for g in gbps}})
+            at = "  ".join(f"{moved / (g * 1e9) * 1e6:7.1f} us at {g:g} GB/s" for g in gbps)
+            print(f"pooling {pooling}  {name:30s} {moved / 2**20:8.1f} MiB/step   {at}", flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump({"shape": asdict(shape), "floors": rows}, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small shape (smoke run)")
@@ -138,23 +177,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=5, help="timed steps per case per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per case per round")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--floor-only", action="store_true", help="time nothing: bytes per step and the floors")
+    ap.add_argument("--bandwidth-gbps", type=float, nargs="+", default=[3350.0, 4800.0],
+                    help="with --floor-only: bandwidths for the floor (default: H100 SXM and H200 HBM3/3e)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device cuda: torch.cuda.is_available() is False (torch {torch.__version__})")
     device = torch.device(args.device)
     shape = Shape(tables=4, rows=20_000, dim=32, batch=512) if args.quick else Shape()
+    if args.floor_only:
+        return floors(shape, args.pooling, args.bandwidth_gbps, args.json)
     bw = copy_bandwidth(device)
     cases: list[tuple[str, Callable[[], torch.nn.Module], int, int]] = [
         ("fbgemm EXACT_ROWWISE_ADAGRAD", lambda: fbgemm_module(shape, "EXACT_ROWWISE_ADAGRAD", device), 4, 0),
     ]
-    if device.type == "cuda":
-        cases.append(("fbgemm ADAM", lambda: fbgemm_module(shape, "ADAM", device), 0, 2))
-    cases += [
-        ("ours RowWiseAdagrad", lambda: ours(shape, tra.RowWiseAdagrad, {"lr": 0.01}, device), 16, 0),
-        ("ours Adam", lambda: ours(shape, tra.Adam, {"lr": 0.01}, device), 12, 2),
-        ("ours AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3}, device), 12, 2),
-        ("ours FAL+AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3, "fal_tau": 10.0}, device), 12, 2),
-    ]
+    cases += [c for c in measured_cases(shape, device) if device.type == "cuda" or c[0] != FBGEMM_ADAM]
     print(f"shape {asdict(shape)} device {device} threads {torch.get_num_threads()} copy bandwidth {bw / 1e9:.1f} GB/s")
     results = []
     for pooling in args.pooling:
@@ -168,13 +207,17 @@ def main(argv: list[str] | None = None) -> int:
                 times[i].append(time_steps(module, batches, args.warmup, args.iters, device))
         del modules
         base = statistics.median(times[0])
+        adam = statistics.median(times[1]) if cases[1][0] == FBGEMM_ADAM else None
         for (name, _, row_bytes, elem_states), ts in zip(cases, times):
             t = statistics.median(ts)
-            floor = bytes_touched(shape, batches, row_bytes, elem_states) / bw
+            moved = bytes_touched(shape, batches, row_bytes, elem_states)
+            floor = moved / bw
             results.append({"pooling": pooling, "case": name, "step_ms": t * 1e3, "vs_fbgemm_rowwise_adagrad": t / base,
-                            "floor_ms": floor * 1e3, "vs_floor": t / floor})
-            print(f"pooling {pooling}  {name:30s} {t * 1e3:8.1f} ms   x{t / base:5.2f} of FBGEMM row-wise Adagrad   "
-                  f"floor {floor * 1e3:6.1f} ms (x{t / floor:4.1f})", flush=True)
+                            "floor_ms": floor * 1e3, "vs_floor": t / floor, "bytes": moved,
+                            **({"vs_fbgemm_adam": t / adam} if adam else {})})
+            vs_adam = f"  x{t / adam:5.2f} of FBGEMM Adam" if adam else ""
+            print(f"pooling {pooling}  {name:30s} {t * 1e3:8.1f} ms   x{t / base:5.2f} of FBGEMM row-wise Adagrad"
+                  f"{vs_adam}   floor {floor * 1e3:6.1f} ms (x{t / floor:4.1f})", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"shape": asdict(shape), "device": str(device), "bandwidth_Bps": bw, "results": results}, f, indent=1)

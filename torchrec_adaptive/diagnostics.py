@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .collectives import collective_device
 from .epochs import all_modules
 from .kernels.batched import BatchedAdaptiveEmbeddingBag
 from .rules.optimizers import AdaptiveRowOptimizer
@@ -74,20 +75,24 @@ def row_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Per-table row statistics of ``model`` (see the module docstring), summed over ranks."""
     local: dict[str, Tensor] = {}
     width = 4 * NUM_BUCKETS + 3  # count, idle, sq norm, norm histograms; rows, untouched, column-sharded
+    # On the rows' device (a GPU's rows are never copied to the host), with fixed-size
+    # histograms (index_add_ into NUM_BUCKETS bins: unlike bincount or a boolean mask, no
+    # output size the host must wait for), then on the device the process group reduces on
+    # (NCCL: the rank's GPU). Nothing is read on the host here; the caller reads the result.
+    where = collective_device()
     for name, w, counts, last, k, full, primary in _local_rows(model):
-        v = local.setdefault(name, torch.zeros(width, dtype=torch.float64))
-        cb = _bucket(counts).cpu()
-        sq = w.double().pow(2).sum(dim=1).cpu()
-        v[2 * NUM_BUCKETS : 3 * NUM_BUCKETS] += torch.bincount(cb, weights=sq, minlength=NUM_BUCKETS)
+        v = local.setdefault(name, torch.zeros(width, dtype=torch.float64, device=w.device))
+        cb = _bucket(counts)
+        sq = w.double().pow(2).sum(dim=1)
+        v[2 * NUM_BUCKETS : 3 * NUM_BUCKETS].index_add_(0, cb, sq)
         if primary:  # row-level quantities once per row, not once per column shard
-            touched = (counts > 0).cpu()
-            v[:NUM_BUCKETS] += torch.bincount(cb, minlength=NUM_BUCKETS).double()
-            idle = (k - last - 1).cpu()[touched]
-            v[NUM_BUCKETS : 2 * NUM_BUCKETS] += torch.bincount(_bucket(idle), minlength=NUM_BUCKETS).double()
+            touched = (counts > 0).double()
+            v[:NUM_BUCKETS].index_add_(0, cb, torch.ones_like(touched))
+            v[NUM_BUCKETS : 2 * NUM_BUCKETS].index_add_(0, _bucket(k - last - 1), touched)  # touched rows only
             v[-3] += counts.numel()
-            v[-2] += float((~touched).sum())
+            v[-2] += counts.numel() - touched.sum()
         if full:
-            v[3 * NUM_BUCKETS : 4 * NUM_BUCKETS] += torch.bincount(cb, weights=sq.sqrt(), minlength=NUM_BUCKETS)
+            v[3 * NUM_BUCKETS : 4 * NUM_BUCKETS].index_add_(0, cb, sq.sqrt())
         else:
             v[-1] += 1
     names = sorted(local)
@@ -95,15 +100,16 @@ def row_statistics(model: nn.Module) -> dict[str, dict[str, Tensor]]:
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, names)
         names = sorted(set().union(*gathered))
-        stacked = torch.stack([local.get(n, torch.zeros(width, dtype=torch.float64)) for n in names]) if names else torch.zeros(0, width, dtype=torch.float64)
+        zeros = torch.zeros(width, dtype=torch.float64, device=where)
+        stacked = (torch.stack([local[n].to(where) if n in local else zeros for n in names]) if names
+                   else torch.zeros(0, width, dtype=torch.float64, device=where))
         torch.distributed.all_reduce(stacked)
         local = dict(zip(names, stacked))
     out: dict[str, dict[str, Tensor]] = {}
     for n in names:
         v = local[n]
-        norm = v[3 * NUM_BUCKETS : 4 * NUM_BUCKETS].clone()
-        if v[-1] > 0:
-            norm.fill_(float("nan"))
+        norm = v[3 * NUM_BUCKETS : 4 * NUM_BUCKETS]
+        norm = torch.where(v[-1] > 0, torch.full_like(norm, float("nan")), norm)  # column-sharded: unknown
         out[n] = {
             "count_hist": v[:NUM_BUCKETS].long(),
             "idle_hist": v[NUM_BUCKETS : 2 * NUM_BUCKETS].long(),

@@ -10,7 +10,7 @@ from torchrec_adaptive.apps.dlrm.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "methods" and p.name != "schema.yaml")
-METHODS = {"adam", "rowwise_adagrad", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet"}
+METHODS = {"adam", "rowwise_adagrad", "stock_adam", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet"}
 
 
 def test_every_method_has_a_config_per_dataset():
@@ -35,6 +35,7 @@ def test_methods_differ_where_they_should():
     assert c["meda"].meda is not None and c["adam"].meda is None
     assert c["helen"].helen is not None and c["mlet"].model.mlet is not None
     assert c["rowwise_adagrad"].sparse_optimizer.name == "stock_rowwise_adagrad"
+    assert c["stock_adam"].sparse_optimizer.name == "stock_adam"  # FBGEMM's fused Adam: the baseline on CUDA
     # the method file overrides the dataset base, the base keeps the rest
     assert c["adamar"].train == c["adam"].train and c["adamar"].data == c["adam"].data
     assert load_config(ROOT / "configs" / "criteo" / "mlet.yaml").model.mlet.inner_dim == 128
@@ -62,6 +63,7 @@ def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
         ("data: {synthetic: {click_rate: 2}}\n", r"data.synthetic: click_rate must be in \(0, 1\)"),
         ("data: {synthetic: {zipff: 2}}\n", r"unknown key 'data.synthetic.zipff' \(did you mean 'zipf'\?\)"),
         ("helen: {rho: 0.1}\ntrain: {pipeline: sparse_dist}\n", r"helen runs two passes"),
+        ("model: {mlet: {inner_dim: 32}}\ntrain: {pipeline: sparse_dist}\n", r"mlet: TrainPipelineSparseDist cannot"),
         ("sparse_optimizer: {name: stock_rowwise_adagrad, kwargs: {lr: 0.1}}\nhelen: {}\n", r"helen needs a torchrec_adaptive"),
         ("train: {freq_buckets: [10, 1]}\n", r"freq_buckets must be increasing"),
         ("- a\n- b\n", r"top level must be a mapping"),

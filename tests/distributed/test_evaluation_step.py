@@ -4,7 +4,7 @@ METHODS.md: k advances once per training iteration; evaluation forwards never ad
 it (FBGEMM's TBE advances its ``iter`` on every forward, no-grad evaluation included,
 which shifts Adam's bias corrections and AdamAR's idle gaps). After every training step
 the sharded model gets an evaluation pass as the app runs it (``model.eval()`` under
-``torch.no_grad()``, apps/dlrm/train.py ``evaluate``) and a training-mode forward that is
+``torch.no_grad()``, apps/dlrm/evaluate.py ``evaluate``) and a training-mode forward that is
 never backpropagated; each table's ``<table>.optimizer_step`` must not move, and after
 all steps weights and every optimizer state must equal the reference trained without
 any evaluation, with k equal to the number of training steps.

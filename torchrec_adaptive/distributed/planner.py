@@ -24,6 +24,7 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -36,7 +37,8 @@ from torchrec.distributed.planner.shard_estimators import (
 )
 from torchrec.distributed.planner.types import CollectiveType, ParameterConstraints, ShardEstimator, ShardingOption
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-from torchrec.distributed.planner.types import KernelConfig, SharderDataMap, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, SharderDataMap, TopologyFactory,
+                                                TrainerConfig)
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -251,14 +253,35 @@ def adaptive_planner(model: nn.Module, topology: Topology, *, batch_size: int = 
                                     debug=False)
 
 
+def topology(world_size: int, compute_device: str = "cpu", *, local_world_size: Optional[int] = None,
+             hbm_cap: Optional[int] = None) -> Topology:
+    """TorchRec's ``Topology`` of a job: ``world_size`` ranks, ``local_world_size`` per host
+    (default: torchrun's ``LOCAL_WORLD_SIZE``, else one host), on ``compute_device``.
+
+    The ranks per host decide which collectives TorchRec costs at the intra-host and which
+    at the inter-host bandwidth: planned as one host, a 2-host x 8-GPU job would put
+    row-wise shards across the slow link as if it were NVLink. On CUDA the HBM per device
+    is this machine's GPU memory (``hbm_cap`` overrides it, e.g. to plan for other GPUs
+    from here), as TorchRec's own DMP planner takes it. Built through TorchRec's
+    ``TopologyFactory``, as it asks; needs no process group (dry runs plan for any job).
+    """
+    # From torchrun, capped at the group's size (a group smaller than a host plans as one host).
+    local = local_world_size if local_world_size is not None else min(
+        int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), world_size)
+    if local < 1 or world_size % local:
+        raise ValueError(f"{local} ranks per host (LOCAL_WORLD_SIZE, or local_world_size) does not divide the "
+                         f"world size {world_size}: every host must run the same number of ranks")
+    if hbm_cap is None and compute_device == "cuda" and torch.cuda.is_available():
+        hbm_cap = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return TopologyFactory.create_topology(TrainerConfig(world_size=world_size, local_world_size=local),
+                                           hardware_config=HardwareConfig(hbm_cap_bytes=hbm_cap),
+                                           kernel_config=KernelConfig(compute_device=compute_device))
+
+
 def plan(model: nn.Module, pg: dist.ProcessGroup, *, compute_device: str = "cpu", batch_size: int = 512,
          constraints: Optional[Dict[str, ParameterConstraints]] = None) -> ShardingPlan:
-    """Collective plan for ``model`` over ``pg`` (every rank must call it), our tables on ``customized_kernel``."""
-    world = dist.get_world_size(pg)
-    # Through TorchRec's TopologyFactory, as it asks; ranks per node from torchrun's
-    # LOCAL_WORLD_SIZE (multi-node jobs have inter-host links the cost model must see).
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=min(local, world)),
-                                               kernel_config=KernelConfig(compute_device=compute_device))
-    planner = adaptive_planner(model, topology, batch_size=batch_size, constraints=constraints)
+    """Collective plan for ``model`` over ``pg`` (every rank must call it), our tables on ``customized_kernel``,
+    for the job's real :func:`topology` (ranks per host from torchrun's ``LOCAL_WORLD_SIZE``)."""
+    planner = adaptive_planner(model, topology(dist.get_world_size(pg), compute_device), batch_size=batch_size,
+                               constraints=constraints)
     return planner.collective_plan(model, sharders(offer_customized_kernel=True, offer_data_parallel=True), pg)

@@ -137,7 +137,7 @@ class TrainConfig:
     eval_batch_size: int = 8192  # per rank
     shuffle: bool = True
     seed: int = 0
-    pipeline: str = "plain"  # "plain" | "sparse_dist" (TorchRec's TrainPipelineSparseDist)
+    pipeline: str = "auto"  # "auto" (sparse_dist on CUDA, else plain) | "plain" | "sparse_dist" (TorchRec's TrainPipelineSparseDist)
     freq_buckets: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
     diagnostics: bool = True
     checkpoint: bool = True
@@ -161,7 +161,7 @@ ARCHS = ("dlrm", "dlrm_dcn")
 OURS = ("adam", "adamar", "rowwise_adagrad")
 STOCK = ("stock_rowwise_adagrad", "stock_adam")
 DENSE = ("adam", "adamw", "sgd", "adagrad")
-PIPELINES = ("plain", "sparse_dist")
+PIPELINES = ("auto", "plain", "sparse_dist")
 
 
 # --- strict dict -> dataclass -------------------------------------------------------------
@@ -306,6 +306,8 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
     if m.mlet is not None:
         need(m.mlet.inner_dim >= m.embedding_dim,
              f"model.mlet.inner_dim ({m.mlet.inner_dim}) must be >= model.embedding_dim ({m.embedding_dim})")
+        need(t.pipeline != "sparse_dist", "mlet: TrainPipelineSparseDist cannot trace its factorized tables "
+             "(torch.fx TraceError): train.pipeline must be 'plain' (or 'auto')")
     need(so.name in OURS + STOCK, f"sparse_optimizer.name must be one of {OURS + STOCK}, got {so.name!r}")
     need("lr" in so.kwargs, "sparse_optimizer.kwargs must set lr")
     if so.name in OURS:
@@ -328,7 +330,7 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
              "meda with reinit 'tail' needs row counts, which only torchrec_adaptive optimizers keep")
     if cfg.helen is not None:
         need(so.name in OURS, "helen needs a torchrec_adaptive sparse optimizer (its kernel perturbs the rows)")
-        need(t.pipeline == "plain", "helen runs two passes per step: train.pipeline must be 'plain'")
+        need(t.pipeline != "sparse_dist", "helen runs two passes per step: train.pipeline must be 'plain' (or 'auto')")
         need(cfg.helen.rho >= 0 and 0 <= cfg.helen.xi <= 1, f"helen: rho >= 0 and xi in [0, 1], got {cfg.helen}")
 
 

@@ -32,7 +32,7 @@ class _Slice:
     def update(self, logits: Tensor, labels: Tensor) -> None:
         self.auc.update(torch.sigmoid(logits), labels.long())
         self.logloss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
-        self.rows.update(torch.tensor(float(labels.numel())))
+        self.rows.update(torch.tensor(float(labels.numel()), device=labels.device))
         self.positives.update(labels.sum())
 
     def compute(self) -> dict[str, Any]:
@@ -65,3 +65,16 @@ class Evaluator:
         for (lo, hi), s in zip(self.ranges, self.buckets):
             out["buckets"].append({"min_count": lo, "max_count": None if math.isinf(hi) else hi, **s.compute()})
         return out
+
+
+@torch.no_grad()
+def evaluate(model: Any, batches: Any, edges: Sequence[int], device: torch.device) -> dict[str, Any]:
+    """Collective: every rank scores its share of the test set (``batches``: (batch, bucket per row,
+    valid per row), pinned on CUDA); the metrics gather all shares."""
+    model.eval()
+    ev = Evaluator(edges, device)
+    for batch, bucket, valid in batches:
+        _, (_, logits, labels) = model(batch.to(device, non_blocking=True))
+        ev.update(logits, labels, bucket.to(device, non_blocking=True), valid.to(device, non_blocking=True))
+    model.train()
+    return ev.compute()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...collectives import collective_device
 from .config import DataConfig
 from .data.criteo_npy import NpySource
 from .data.format import COUNTS, FORMAT_VERSION, Chunk, DataError, DatasetMeta, IdCounts, id_buckets
@@ -59,14 +60,15 @@ class ClickSource:
         return id_buckets(counts, edges)
 
     def train_batches(self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, rank: int, world: int,
-                      steps: int, shuffle_rows: int, prefetch: int) -> Prefetch:
+                      steps: int, shuffle_rows: int, prefetch: int, device: Optional[torch.device] = None) -> Prefetch:
+        """Batches in pinned memory when ``device`` is a GPU (see :func:`_pinned`)."""
         keys = self.meta.field_names
-        return Prefetch(lambda: (to_batch(c, keys) for c in train_chunks(
+        return Prefetch(lambda: _pinned((to_batch(c, keys) for c in train_chunks(
             self.train, batch_size, epoch=epoch, seed=seed, shuffle=shuffle, rank=rank, world=world, steps=steps,
-            shuffle_rows=shuffle_rows)), depth=prefetch)
+            shuffle_rows=shuffle_rows)), device), depth=prefetch)
 
     def eval_batches(self, buckets: list[np.ndarray], batch_size: int, *, rank: int, world: int,
-                     prefetch: int) -> Prefetch:
+                     prefetch: int, device: Optional[torch.device] = None) -> Prefetch:
         """(batch, bucket per row, valid per row), every test row once across ranks."""
         keys = self.meta.field_names
 
@@ -76,7 +78,21 @@ class ClickSource:
                 valid[:n] = True
                 yield to_batch(chunk, keys), torch.from_numpy(rarest_bucket(buckets, chunk.sparse)), valid
 
-        return Prefetch(make, depth=prefetch)
+        return Prefetch(lambda: _pinned(make(), device), depth=prefetch)
+
+
+def _pinned(items: Iterator[Any], device: Optional[torch.device]) -> Iterator[Any]:
+    """For a GPU: each item (a ``Batch``, or a tuple of them and tensors) in page-locked memory,
+    so that the copy to the GPU (``.to(device, non_blocking=True)``) is asynchronous. Runs in the
+    input thread, off the training step, as ``DataLoader(pin_memory=True)``'s pinning thread does,
+    which also first makes this rank's GPU the thread's current device (pinning on another GPU's
+    context would start one on GPU 0 from every rank)."""
+    if device is None or device.type != "cuda":
+        yield from items
+        return
+    torch.cuda.set_device(device)
+    for item in items:
+        yield tuple(x.pin_memory() for x in item) if isinstance(item, tuple) else item.pin_memory()
 
 
 def rarest_bucket(buckets: list[np.ndarray], sparse: np.ndarray) -> np.ndarray:
@@ -93,10 +109,11 @@ def _count_shares(train: Source, rank: int, world: int) -> list[np.ndarray]:
         counts.add(train.read(train.units[u][0], 0, rows[u]).sparse)
     out = []
     for c in counts.counts:
-        t = torch.from_numpy(c)
         if dist.is_initialized() and world > 1:
+            t = torch.from_numpy(c).to(collective_device())  # NCCL reduces device tensors only
             dist.all_reduce(t)
-        out.append(t.numpy())
+            c = t.cpu().numpy()
+        out.append(c)
     return out
 
 

@@ -17,10 +17,12 @@ duplicated (lines after the checkpoint's epoch are dropped). Checkpoint saves ar
 atomic (``distributed/checkpoint.py``): a kill at any moment leaves the earlier
 checkpoints loadable.
 
-The loop is a plain loop by default. ``train.pipeline: sparse_dist`` uses TorchRec's
-``TrainPipelineSparseDist`` (input dist of batch i+1 overlapped with batch i); on
-2 CPU ranks over gloo it gave no speed-up (docs/performance.md), and Helen's two
-passes per step need the plain loop.
+The steps are those of :class:`TrainRecipe` (setup, then per epoch train, evaluate,
+log, checkpoint). ``train.pipeline: auto`` (the default) trains with TorchRec's
+``TrainPipelineSparseDist`` on CUDA (input dist of batch i+1 overlapped with batch i) and
+with a plain loop on CPU, where it gave no speed-up on 2 ranks over gloo
+(docs/performance.md); Helen's two passes per step need the plain loop. On CUDA the
+process group is NCCL, one GPU per rank, and nothing a step touches leaves the GPU.
 """
 
 from __future__ import annotations
@@ -30,17 +32,19 @@ import gc
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from ...diagnostics import row_statistics, statistics_to_json
 from ...epochs import start_epoch
 from .config import RunConfig, load_config, to_dict
-from .evaluate import Evaluator
+from .evaluate import evaluate
 from .inputs import open_data, steps_per_epoch
 from .model import build_model, shard
 from .optim import dense_optimizer
@@ -137,116 +141,220 @@ def _truncate_metrics(path: Path, after_epoch: int) -> None:
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change: bool = False,
-        missing_ok: bool = False, device_kind: str = "auto", base_dir: str | Path = ".") -> list[dict[str, Any]]:
-    """Trains ``cfg`` on every rank; returns the per-epoch metrics (every rank).
+def resolve_pipeline(cfg: RunConfig, device: torch.device) -> str:
+    """``auto``: TorchRec's ``TrainPipelineSparseDist`` on CUDA (it overlaps the next batch's
+    input all-to-all with this batch's compute on a side stream), the plain loop on CPU
+    (nothing runs asynchronously there: no gain, docs/performance.md), for Helen (two passes
+    per step) and for MLET (the pipeline's fx trace of the model fails on its tables)."""
+    if cfg.train.pipeline != "auto":
+        return cfg.train.pipeline
+    plain_only = cfg.helen is not None or cfg.model.mlet is not None
+    return "sparse_dist" if device.type == "cuda" and not plain_only else "plain"
 
-    ``resume``: continue the run in ``out`` (same run id; see the module docstring);
-    ``missing_ok``: with nothing to resume, start it instead of failing (the study)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = select_device(device_kind)
-    t = cfg.train
-    metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
-    plan = _agree_on_plan(out, cfg, resume, allow_config_change, missing_ok)
-    for m in plan.messages:
-        _say(cfg.name, m)
-    identity = {"run_id": plan.record.run_id, "config_hash": config_hash(to_dict(cfg))}  # in every metrics line
 
-    torch.manual_seed(t.seed)
-    data = open_data(cfg.data, base_dir, out.parent / ".data_cache")  # streamed; converted once if raw
-    buckets = data.id_buckets(t.freq_buckets, rank, world)
-    meta = data.meta
-    model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, device)
-    model = shard(model, cfg, device)
-    dense_opt = dense_optimizer(model, cfg.dense_optimizer)
-    helen = None
-    if cfg.helen is not None:
-        from ...helen import Helen
+@dataclass
+class EpochTraining:
+    """What one epoch's training leaves: the loss summed over every step of every rank, still
+    on the device (read once, when the epoch's record is written), and its wall time."""
 
-        helen = Helen(model, dense_opt, rho=cfg.helen.rho, xi=cfg.helen.xi)
-    first = 1
-    if plan.candidates:
-        first = resume_from(plan, model, dense_opt, cfg.name) + 1
+    loss_sum: Tensor
+    seconds: float
+    reinit_rows: dict[str, int]
+
+
+class TrainRecipe:
+    """One configured run on every rank, as the steps of a recipe (torchtune's recipe
+    interface, one recipe for every method: the config says what differs).
+
+    ``setup()`` agrees on the run folder, opens the data, builds and shards the model and
+    its optimizers and resumes; then per epoch ``train_epoch``, ``evaluate``, ``log_epoch``
+    and ``checkpoint``; ``run()`` does all of it. Every step is collective (all ranks).
+
+    On CUDA everything a step touches stays on the rank's GPU: batches are pinned by the
+    input thread and copied with ``non_blocking``, the running loss is summed on the device
+    and read once per epoch, and every collective gets device tensors (NCCL takes no CPU
+    tensor). ``tests/apps/test_device_placement.py`` runs the steps on a device that is not
+    the CPU and fails on any CPU tensor reaching the model or a collective."""
+
+    def __init__(self, cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change: bool = False,
+                 missing_ok: bool = False, device_kind: str = "auto", base_dir: str | Path = ".") -> None:
+        self.cfg, self.out, self.base_dir = cfg, Path(out), base_dir
+        self.resume, self.allow_config_change, self.missing_ok = resume, allow_config_change, missing_ok
+        self.device = select_device(device_kind)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.metrics_path, self.diag_path = self.out / "metrics.jsonl", self.out / "diagnostics.jsonl"
+        self.plan: Optional[Plan] = None
+        self.data: Any = None
+        self.buckets: Any = None
+        self.model: Any = None
+        self.dense_opt: Any = None
+        self.helen: Any = None
+        self.steps = 0
+        self.first_epoch = 1
+        self.pipeline = resolve_pipeline(cfg, self.device)
+
+    # --- setup -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.plan = _agree_on_plan(self.out, cfg, self.resume, self.allow_config_change, self.missing_ok)
+        for m in self.plan.messages:
+            _say(cfg.name, m)
+        torch.manual_seed(t.seed)
+        self.setup_data()
+        self.setup_model()
+        if self.plan.candidates:
+            self.first_epoch = self._resume() + 1
+
+    def setup_data(self) -> None:
+        """The data, streamed (converted once if raw), and the steps per epoch (equal on every rank)."""
+        t = self.cfg.train
+        self.data = open_data(self.cfg.data, self.base_dir, self.out.parent / ".data_cache")
+        self.buckets = self.data.id_buckets(t.freq_buckets, self.rank, self.world)  # collective for npy data
+        self.steps = steps_per_epoch(self.data.train_rows, t.batch_size, self.world, t.max_steps_per_epoch)
+        if self.steps < 1:
+            raise ValueError(f"{self.data.train_rows} training rows give no full batch of {t.batch_size} per rank "
+                             f"on {self.world} ranks")
+
+    def setup_model(self) -> None:
+        """DLRM sharded by DMP with our planner, its dense optimizer and, if configured, Helen."""
+        cfg, meta = self.cfg, self.data.meta
+        model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, self.device)
+        self.model = shard(model, cfg, self.device)
+        self.dense_opt = dense_optimizer(self.model, cfg.dense_optimizer)
+        if cfg.helen is not None:
+            from ...helen import Helen
+
+            self.helen = Helen(self.model, self.dense_opt, rho=cfg.helen.rho, xi=cfg.helen.xi)
+
+    def _resume(self) -> int:
+        assert self.plan is not None
+        plan, name = self.plan, self.cfg.name
+        done = resume_from(plan, self.model, self.dense_opt, name)
         if _rank0():
-            _truncate_metrics(metrics_path, first - 1)
-            _truncate_metrics(diag_path, first - 1)
-            record_resume(out, plan, first - 1, to_dict(cfg))
+            _truncate_metrics(self.metrics_path, done)
+            _truncate_metrics(self.diag_path, done)
+            record_resume(self.out, plan, done, to_dict(self.cfg))
             changed = f"; config changed: {sorted(plan.changes)}" if plan.changes else ""
-            print(f"[{cfg.name}] resumed from {out / CHECKPOINTS}/epoch_{first - 1} (epoch {first - 1} done, "
+            print(f"[{name}] resumed from {self.out / CHECKPOINTS}/epoch_{done} (epoch {done} done, "
                   f"run {plan.record.run_id}){changed}", flush=True)
+        return done
 
-    steps = steps_per_epoch(data.train_rows, t.batch_size, world, t.max_steps_per_epoch)
-    if steps < 1:
-        raise ValueError(f"{data.train_rows} training rows give no full batch of {t.batch_size} per rank on {world} ranks")
-    meda = cfg.meda
-    history: list[dict[str, Any]] = []
-    for epoch in range(first, t.epochs + 1):
-        report = start_epoch(model, epoch, meda=meda)
-        model.train()
-        batches = data.train_batches(t.batch_size, epoch=epoch, seed=t.seed, shuffle=t.shuffle, rank=rank, world=world,
-                                     steps=steps, shuffle_rows=cfg.data.shuffle_rows, prefetch=cfg.data.prefetch)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+    # --- one epoch -----------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> EpochTraining:
+        cfg, t = self.cfg, self.cfg.train
+        report = start_epoch(self.model, epoch, meda=cfg.meda)
+        self.model.train()
+        batches = self.data.train_batches(t.batch_size, epoch=epoch, seed=t.seed, shuffle=t.shuffle, rank=self.rank,
+                                          world=self.world, steps=self.steps, shuffle_rows=cfg.data.shuffle_rows,
+                                          prefetch=cfg.data.prefetch, device=self.device)
+        # Summed on the device: reading a loss every step (float(loss)) would wait for the GPU each step.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         dist.barrier()
         t0 = time.perf_counter()
-        if t.pipeline == "sparse_dist":
+        it = _progress(iter(batches), self.steps, f"{cfg.name} epoch {epoch}")
+        if self.pipeline == "sparse_dist":
             from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
             # The pipeline rewrites the sharded modules' forward for its prefetched input dist;
             # a fresh one per epoch, detached afterwards, lets evaluation call the model directly.
-            pipeline = TrainPipelineSparseDist(model, dense_opt, device)
-            it = _progress(iter(batches), steps, f"{cfg.name} epoch {epoch}")
-            for _ in range(steps):
+            # It copies each batch to the device itself (non_blocking, on its memcpy stream).
+            pipeline = TrainPipelineSparseDist(self.model, self.dense_opt, self.device)
+            for _ in range(self.steps):
                 loss, _, _ = pipeline.progress(it)  # DLRMTrain's (loss, logits, labels); it steps dense_opt
-                loss_sum += float(loss)
+                loss_sum += loss.detach()
             pipeline.detach()
         else:
-            for batch in _progress(batches, steps, f"{cfg.name} epoch {epoch}"):
-                if helen is not None:
-                    loss = helen.step(lambda: model(batch)[0])
-                else:
-                    dense_opt.zero_grad()
-                    loss, _ = model(batch)
-                    loss.backward()  # embedding rows are updated here, by their fused optimizer
-                    dense_opt.step()
-                loss_sum += float(loss.detach())
+            for batch in it:
+                loss_sum += self.step(batch.to(self.device, non_blocking=True))
+        _wait_for(self.device)
         dist.barrier()
         seconds = time.perf_counter() - t0
         dist.all_reduce(loss_sum)
+        return EpochTraining(loss_sum, seconds, report.reinit_rows)
 
-        result = evaluate(model, data.eval_batches(buckets, t.eval_batch_size, rank=rank, world=world,
-                                                   prefetch=cfg.data.prefetch), t.freq_buckets, device)
-        record_ = {"run": cfg.name, **identity, "epoch": epoch, "train_loss": float(loss_sum) / (steps * world),
-                   "test_auc": result.pop("auc"), "test_logloss": result.pop("logloss"),
-                   "test_rows": result.pop("rows"), "test_ctr": result.pop("ctr"), "buckets": result.pop("buckets"),
-                   "steps": steps, "train_seconds": seconds,
-                   "samples_per_s_per_rank": steps * t.batch_size / seconds,
-                   "reinit_rows": report.reinit_rows}
-        history.append(record_)
-        stats = statistics_to_json(row_statistics(model)) if t.diagnostics else None
-        if _rank0():
-            _append_jsonl(metrics_path, record_)
-            if stats is not None:
-                _append_jsonl(diag_path, {"run": cfg.name, "epoch": epoch, "tables": json.loads(stats)})
-            print(f"[{cfg.name}] epoch {epoch}: train loss {record_['train_loss']:.4f}  test AUC "
-                  f"{record_['test_auc']:.4f}  log loss {record_['test_logloss']:.4f}  "
-                  f"({record_['samples_per_s_per_rank']:.0f} samples/s/rank)", flush=True)
-        if t.checkpoint:
-            save_checkpoint(out, model, dense_opt, epoch, plan.record.run_id)
-    del model, dense_opt, helen
-    gc.collect()
-    return history
+    def step(self, batch: Any) -> Tensor:
+        """One training step of the plain loop on a batch already on the device; the loss, detached."""
+        if self.helen is not None:
+            return self.helen.step(lambda: self.model(batch)[0]).detach()
+        self.dense_opt.zero_grad()
+        loss, _ = self.model(batch)
+        loss.backward()  # embedding rows are updated here, by their fused optimizer
+        self.dense_opt.step()
+        return loss.detach()
+
+    def evaluate(self) -> dict[str, Any]:
+        """Collective: test AUC and log loss, overall and per frequency bucket (plain numbers)."""
+        t = self.cfg.train
+        batches = self.data.eval_batches(self.buckets, t.eval_batch_size, rank=self.rank, world=self.world,
+                                         prefetch=self.cfg.data.prefetch, device=self.device)
+        return evaluate(self.model, batches, t.freq_buckets, self.device)
+
+    def epoch_record(self, epoch: int, trained: EpochTraining, result: dict[str, Any]) -> dict[str, Any]:
+        assert self.plan is not None
+        t, steps = self.cfg.train, self.steps
+        identity = {"run_id": self.plan.record.run_id, "config_hash": config_hash(to_dict(self.cfg))}
+        return {"run": self.cfg.name, **identity, "epoch": epoch,
+                "train_loss": float(trained.loss_sum) / (steps * self.world),  # the epoch's one read of the loss
+                "test_auc": result.pop("auc"), "test_logloss": result.pop("logloss"),
+                "test_rows": result.pop("rows"), "test_ctr": result.pop("ctr"), "buckets": result.pop("buckets"),
+                "steps": steps, "train_seconds": trained.seconds,
+                "samples_per_s_per_rank": steps * t.batch_size / trained.seconds,
+                "reinit_rows": trained.reinit_rows,
+                "device": str(self.device), "process_group": str(dist.get_backend()), "pipeline": self.pipeline}
+
+    def log_epoch(self, record_: dict[str, Any]) -> None:
+        """Collective (row diagnostics); rank 0 appends the metrics and diagnostics lines and prints."""
+        stats = statistics_to_json(row_statistics(self.model)) if self.cfg.train.diagnostics else None
+        if not _rank0():
+            return
+        _append_jsonl(self.metrics_path, record_)
+        if stats is not None:
+            _append_jsonl(self.diag_path, {"run": self.cfg.name, "epoch": record_["epoch"], "tables": json.loads(stats)})
+        print(f"[{self.cfg.name}] epoch {record_['epoch']}: train loss {record_['train_loss']:.4f}  test AUC "
+              f"{record_['test_auc']:.4f}  log loss {record_['test_logloss']:.4f}  "
+              f"({record_['samples_per_s_per_rank']:.0f} samples/s/rank)", flush=True)
+
+    def checkpoint(self, epoch: int) -> None:
+        assert self.plan is not None
+        if self.cfg.train.checkpoint:
+            save_checkpoint(self.out, self.model, self.dense_opt, epoch, self.plan.record.run_id)
+
+    # --- all of it -----------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Setup, then every epoch not yet done; returns the per-epoch records (every rank)."""
+        self.setup()
+        history = []
+        try:
+            for epoch in range(self.first_epoch, self.cfg.train.epochs + 1):
+                trained = self.train_epoch(epoch)
+                record_ = self.epoch_record(epoch, trained, self.evaluate())
+                self.log_epoch(record_)
+                self.checkpoint(epoch)
+                history.append(record_)
+        finally:
+            self.cleanup()
+        return history
+
+    def cleanup(self) -> None:
+        """Drops the model and optimizers (the study trains the next config in the same processes)."""
+        self.model = self.dense_opt = self.helen = None
+        gc.collect()
 
 
-@torch.no_grad()
-def evaluate(model: Any, batches: Any, edges: list[int], device: torch.device) -> dict[str, Any]:
-    """Collective: every rank scores its share of the test set (``batches``); the metrics gather all shares."""
-    model.eval()
-    ev = Evaluator(edges, device)
-    for batch, bucket, valid in batches:
-        _, (_, logits, labels) = model(batch.to(device))
-        ev.update(logits, labels, bucket.to(device), valid.to(device))
-    model.train()
-    return ev.compute()
+def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change: bool = False,
+        missing_ok: bool = False, device_kind: str = "auto", base_dir: str | Path = ".") -> list[dict[str, Any]]:
+    """Trains ``cfg`` on every rank (:class:`TrainRecipe`); returns the per-epoch metrics (every rank).
+
+    ``resume``: continue the run in ``out`` (same run id; see the module docstring);
+    ``missing_ok``: with nothing to resume, start it instead of failing (the study)."""
+    return TrainRecipe(cfg, out, resume=resume, allow_config_change=allow_config_change, missing_ok=missing_ok,
+                       device_kind=device_kind, base_dir=base_dir).run()
+
+
+def _wait_for(device: torch.device) -> None:
+    """The epoch's time must include the GPU's work still queued (once per epoch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def select_device(kind: str = "auto") -> torch.device:
