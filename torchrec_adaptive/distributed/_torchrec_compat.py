@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import importlib.util
 import os
 import re
 from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
@@ -57,11 +58,18 @@ def _version_tuple(version: str) -> Tuple[int, int, int]:
 
 
 def installed_torchrec_version() -> Optional[str]:
-    """The installed torchrec distribution's version, or None if torchrec is not installed."""
-    try:
-        return importlib.metadata.version("torchrec")
-    except importlib.metadata.PackageNotFoundError:
+    """The installed torchrec's version (its distribution's, or ``torchrec.__version__`` for a
+    source checkout), or None if torchrec is not installed."""
+    for name in ("torchrec", "torchrec-nightly"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if importlib.util.find_spec("torchrec") is None:
         return None
+    import torchrec
+
+    return str(getattr(torchrec, "__version__", "unknown"))
 
 
 def check_torchrec_version(version: Optional[str] = None) -> str:
