@@ -65,7 +65,7 @@ def _optimizer(case: str):
 def _build(case: str, shape: Shape):
     import torch
     import torch.distributed as dist
-    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -76,6 +76,8 @@ def _build(case: str, shape: Shape):
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
+    from torchrec.distributed.embedding_kernel import BaseEmbedding
+    from torchrec_adaptive.distributed.shards import all_modules
 
     torch.manual_seed(0)
     configs = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=shape.rows, embedding_dim=shape.dim,
@@ -143,8 +145,7 @@ def _worker(rank: int, port: int, shape: Shape, args: Dict[str, Any], q: Any) ->
         kernels = []
         for model, _ in models:  # what each case really runs: FBGEMM's TBE or our kernel
             ebc = model.module.sparse_arch.embedding_bag_collection
-            kernels.append(sorted({type(emb).__name__ for lookup in ebc._lookups
-                                   for emb in getattr(lookup, "module", lookup)._emb_modules}))
+            kernels.append(sorted({type(emb).__name__ for emb in all_modules(ebc) if isinstance(emb, BaseEmbedding)}))
         for i in range(len(CASES)):
             run(i, args["warmup"])
         times: List[List[float]] = [[] for _ in CASES]

@@ -23,9 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from .collectives import collective_device
-from .epochs import all_modules
-from .kernels.batched import BatchedAdaptiveEmbeddingBag
-from .rules.optimizers import AdaptiveRowOptimizer
 
 NUM_BUCKETS = 24
 
@@ -36,37 +33,25 @@ def _bucket(x: Tensor) -> Tensor:
     return torch.where(x <= 0, torch.zeros_like(b), b).clamp(max=NUM_BUCKETS - 1)
 
 
-def _table_names(model: nn.Module) -> dict[int, str]:
-    """id(weight) -> table name for unsharded EmbeddingBagCollections."""
-    try:
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    except ImportError:
-        return {}
-    return {
-        id(m.embedding_bags[c.name].weight): c.name
-        for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()
-    }
-
-
 def _local_rows(model: nn.Module) -> list[tuple[str, Tensor, Tensor, Tensor, int, bool, bool]]:
     """(table, weight, counts, last_step, k, full width?, first column shard?) per shard with row history."""
+    from .distributed.shards import adaptive_kernels, adaptive_row_optimizers, unsharded_table_names
+
     out: list[tuple[str, Tensor, Tensor, Tensor, int, bool, bool]] = []
-    names = _table_names(model)
-    for m in all_modules(model):
-        if isinstance(m, BatchedAdaptiveEmbeddingBag):
-            if m.replicas is not None and m.replicas.index != 0:  # the same rows as replica 0's
-                continue
-            for spec, w, st in zip(m.layout.tables, m.split_embedding_weights(), m.get_optimizer_state()):
-                full = spec.col_offset == 0 and spec.dim == (spec.global_dim or spec.dim)
-                primary = spec.col_offset == 0
-                out.append((spec.table_name, w, st["row_count"], st["row_last_step"], m.optimizer_step, full, primary))
-    for p in model.parameters():
-        for opt in getattr(p, "_in_backward_optimizers", []):
-            if isinstance(opt, AdaptiveRowOptimizer) and opt.state.get(p):
-                st = opt.state[p]
-                name = names.get(id(p), f"param{len(out)}")
-                out.append((name, p.detach(), st["row_count"], st["row_last_step"],
-                            int(opt.param_groups[0].get("step", 0)), True, True))
+    names = unsharded_table_names(model)
+    for m in adaptive_kernels(model):
+        if m.replicas is not None and m.replicas.index != 0:  # the same rows as replica 0's
+            continue
+        for spec, w, st in zip(m.layout.tables, m.split_embedding_weights(), m.get_optimizer_state()):
+            full = spec.col_offset == 0 and spec.dim == (spec.global_dim or spec.dim)
+            primary = spec.col_offset == 0
+            out.append((spec.table_name, w, st["row_count"], st["row_last_step"], m.optimizer_step, full, primary))
+    for p, opt in adaptive_row_optimizers(model):
+        if opt.state.get(p):
+            st = opt.state[p]
+            name = names.get(id(p), f"param{len(out)}")
+            out.append((name, p.detach(), st["row_count"], st["row_last_step"],
+                        int(opt.param_groups[0].get("step", 0)), True, True))
     return out
 
 

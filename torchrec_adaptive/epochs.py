@@ -18,14 +18,12 @@ backwards is an error.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .kernels.batched import BatchedAdaptiveEmbeddingBag
 from .kernels.reinit import hashed_uniform, table_salt
-from .rules.optimizers import AdaptiveRowOptimizer
 
 _EPOCH_ATTR = "_torchrec_adaptive_epoch"
 REINIT_MODES = ("none", "all", "tail")
@@ -92,114 +90,25 @@ def _config(meda: dict[str, MEDAConfig] | MEDAConfig | None, table: str) -> MEDA
     return meda.get(table)
 
 
-# ----------------------------------------------------------------- table walkers
-@dataclass
-class _TableShard:
-    """One shard of one table, wherever it lives, seen the same way by MEDA."""
-
-    name: str
-    weight: Tensor  # [local rows, local dim] view, written in place
-    row_offset: int
-    col_offset: int
-    bounds: tuple[float, float]
-    states: list[tuple[Tensor, float]]  # per-row or per-element optimizer state and its reset value
-    counts: Tensor | None  # c_r, when the optimizer keeps it
-    kernel: BatchedAdaptiveEmbeddingBag | None = None
-    kernel_table: int = -1
-
+# ----------------------------------------------------------------- table walker
+# One walk serves MEDA, diagnostics and Helen: distributed/shards.py (imported when first
+# needed, so that ``import torchrec_adaptive`` does not import TorchRec).
 
 def all_modules(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.modules()``, plus what TorchRec's sharded modules keep in plain lists.
+    """``model.modules()`` plus the lookups of TorchRec's sharded modules (``distributed.shards``)."""
+    from .distributed.shards import all_modules as walk
 
-    torchrec 1.8.0's ``ShardedEmbeddingBagCollection`` holds its lookups (and so the
-    embedding kernels) in a Python list ``_lookups``, invisible to ``modules()``.
-    """
-    seen: set[int] = set()
-    stack = [model]
-    while stack:
-        for m in stack.pop().modules():
-            if id(m) in seen:
-                continue
-            seen.add(id(m))
-            yield m
-            for lookup in getattr(m, "_lookups", None) or []:
-                if isinstance(lookup, nn.Module):
-                    stack.append(getattr(lookup, "module", lookup))  # unwrap DDP (data-parallel lookups)
+    return walk(model)
 
 
-def _our_kernels(model: nn.Module) -> Iterator[BatchedAdaptiveEmbeddingBag]:
-    for m in all_modules(model):
-        if isinstance(m, BatchedAdaptiveEmbeddingBag):
-            yield m
+def table_shards(model: nn.Module) -> list[Any]:
+    """Every embedding table shard this rank holds, of any kind (``distributed.shards.TableShard``)."""
+    from .distributed.shards import table_shards as walk
+
+    return walk(model)
 
 
-def _stock_fused_shards(model: nn.Module) -> Iterator[_TableShard]:
-    """Tables on TorchRec's FBGEMM fused kernels (``BatchedFusedEmbeddingBag``)."""
-    try:
-        from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
-    except ImportError:  # torchrec not installed: nothing stock to walk
-        return
-    for m in all_modules(model):
-        if not isinstance(m, BaseBatchedEmbeddingBag) or isinstance(getattr(m, "emb_module", None), BatchedAdaptiveEmbeddingBag):
-            continue
-        emb = m.emb_module
-        if not hasattr(emb, "get_optimizer_state"):
-            continue
-        weights = emb.split_embedding_weights()
-        states = emb.get_optimizer_state()
-        for i, t in enumerate(m.config.embedding_tables):
-            off = t.local_metadata.shard_offsets if t.local_metadata is not None else [0, 0]
-            lo, hi = t.weight_init_min, t.weight_init_max
-            if lo is None or hi is None:
-                b = (1.0 / t.num_embeddings) ** 0.5
-                lo, hi = -b, b
-            rows = weights[i].shape[0]
-            per_row = [(s, 0.0) for s in states[i].values() if s.dim() >= 1 and s.shape[0] == rows]
-            yield _TableShard(t.name, weights[i], int(off[0]), int(off[1]), (lo, hi), per_row, None)
-
-
-def _unsharded_shards(model: nn.Module) -> Iterator[_TableShard]:
-    """Tables of unsharded ``EmbeddingBagCollection``s (optimizers applied in backward)."""
-    try:
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-    except ImportError:
-        return
-    for m in model.modules():
-        if not isinstance(m, EmbeddingBagCollection):
-            continue
-        for cfg in m.embedding_bag_configs():
-            weight = m.embedding_bags[cfg.name].weight
-            lo, hi = cfg.weight_init_min, cfg.weight_init_max
-            if lo is None or hi is None:
-                b = (1.0 / cfg.num_embeddings) ** 0.5
-                lo, hi = -b, b
-            states: list[tuple[Tensor, float]] = []
-            counts = None
-            for opt in getattr(weight, "_in_backward_optimizers", []):
-                ours = isinstance(opt, AdaptiveRowOptimizer)
-                step = float(opt.param_groups[0].get("step", 0)) if ours else 0.0
-                for name, s in opt.state.get(weight, {}).items():
-                    if name == "row_count" and ours:
-                        counts = s
-                    elif isinstance(s, Tensor) and s.dim() >= 1 and s.shape[0] == weight.shape[0]:
-                        # as in the kernel: s_r restarts at the re-initialization step
-                        states.append((s, step if (ours and name == "row_last_step") else 0.0))
-            yield _TableShard(cfg.name, weight.data, 0, 0, (lo, hi), states, counts)
-
-
-def _kernel_shards(model: nn.Module) -> Iterator[_TableShard]:
-    for k in _our_kernels(model):
-        for i, (spec, state) in enumerate(zip(k.layout.tables, k.get_optimizer_state())):
-            yield _TableShard(spec.table_name, k.split_embedding_weights()[i], spec.row_offset, spec.col_offset,
-                              spec.bounds, [], state["row_count"], kernel=k, kernel_table=i)
-
-
-def table_shards(model: nn.Module) -> list[_TableShard]:
-    """Every embedding table shard this rank holds, of any kind."""
-    return [*_kernel_shards(model), *_stock_fused_shards(model), *_unsharded_shards(model)]
-
-
-def _all_table_names(shards: list[_TableShard]) -> set[str]:
+def _all_table_names(shards: list[Any]) -> set[str]:
     names = {s.name for s in shards}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[set[str] | None] = [None] * torch.distributed.get_world_size()
@@ -228,12 +137,12 @@ def start_epoch(model: nn.Module, epoch: int, meda: MEDAConfig | Mapping[str, ME
         return EpochReport(epoch, changed=False)
     setattr(model, _EPOCH_ATTR, epoch)
 
-    for k in _our_kernels(model):
+    from .distributed.shards import adaptive_kernels, adaptive_row_optimizers
+
+    for k in adaptive_kernels(model):
         k.set_epoch(epoch)
-    for p in model.parameters():
-        for opt in getattr(p, "_in_backward_optimizers", []):
-            if isinstance(opt, AdaptiveRowOptimizer):
-                opt.set_epoch(epoch)
+    for _, opt in adaptive_row_optimizers(model):
+        opt.set_epoch(epoch)
 
     report = EpochReport(epoch, changed=True)
     for shard in shards:
@@ -246,7 +155,7 @@ def start_epoch(model: nn.Module, epoch: int, meda: MEDAConfig | Mapping[str, ME
     return report
 
 
-def _reinit(shard: _TableShard, cfg: MEDAConfig, epoch: int) -> int:
+def _reinit(shard: Any, cfg: MEDAConfig, epoch: int) -> int:
     rows_total = shard.weight.shape[0]
     if cfg.reinit == "tail":
         if shard.counts is None:

@@ -24,8 +24,6 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .epochs import all_modules
-from .kernels.batched import BatchedAdaptiveEmbeddingBag
 
 
 class Helen:
@@ -51,7 +49,9 @@ class Helen:
         if not 0.0 <= xi <= 1.0:
             raise ValueError(f"xi must be in [0, 1], got {xi}")
         self.model, self.dense_optimizer, self.rho, self.xi = model, dense_optimizer, float(rho), float(xi)
-        self.kernels = [m for m in all_modules(model) if isinstance(m, BatchedAdaptiveEmbeddingBag)]
+        from .distributed.shards import adaptive_kernels
+
+        self.kernels = adaptive_kernels(model)
         if not self.kernels:
             raise ValueError("Helen found no torchrec_adaptive embedding kernel in the model; shard it with "
                              "torchrec_adaptive.sharders() and a torchrec_adaptive optimizer")

@@ -296,7 +296,8 @@ def gather_inner_weights(module: MLETEmbeddingBagCollection, dst: Optional[int] 
     Returns:
         Optional[Dict[str, torch.Tensor]]: table name -> ``[n, k]`` on CPU.
     """
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from .collectives import collective_device
+    from .distributed._torchrec_compat import ShardedTensor, process_group_of
 
     state = module.inner.state_dict()
     prefix, suffix = "embedding_bags.", ".weight"
@@ -311,10 +312,10 @@ def gather_inner_weights(module: MLETEmbeddingBagCollection, dst: Optional[int] 
         if not isinstance(value, ShardedTensor):
             out[cfg.name] = value.detach().cpu().clone()
             continue
-        pg = group if group is not None else value._process_group
+        pg = group if group is not None else process_group_of(value)
         shape = tuple(value.metadata().size)
         dtype = value.metadata().tensor_properties.dtype
-        device = value._get_preferred_device()  # CUDA under NCCL, else CPU (what the collectives need)
+        device = collective_device(pg)  # CUDA under NCCL, else CPU (what the collectives need)
         if dst is None:
             full = torch.zeros(shape, dtype=dtype, device=device)
             for shard in value.local_shards():

@@ -25,7 +25,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.model_parallel import DistributedModelParallel
 

@@ -36,6 +36,12 @@ do (all-gather of the batch, whole table and state on every rank). Per step a
 replica sends its batch's gradients to every other rank and runs the backward of the
 global batch, so data_parallel suits small, hot tables.
 
+TorchRec internals: only ``_torchrec_compat.py`` names them (each with a canary test in
+tests/distributed/test_torchrec_compat.py); importing this package checks that the
+installed TorchRec is in ``_torchrec_compat.SUPPORTED_TORCHREC`` (1.8.x) and raises
+``UnsupportedTorchRecVersion`` otherwise. ``DistributedModelParallel.reshard`` is refused
+for modules holding our tables (reshard through a checkpoint). Map: docs/architecture.md.
+
 Checkpoints: ``checkpoint.save(model, path)`` / ``checkpoint.load(model, path)`` are
 ``torch.distributed.checkpoint``, all or nothing. The save is atomic (a temporary
 folder, a manifest of every file's size and SHA-256, then a rename): a process killed
@@ -47,9 +53,13 @@ on every rank, and nothing loaded). A checkpoint loads under another plan or wor
 data_parallel, whose weights and optimizer state are plain (replicated) tensors.
 """
 
+# First: checks the installed TorchRec against the supported range (a clear ImportError otherwise).
+from . import _torchrec_compat  # isort: skip
 from . import checkpoint
+from ._torchrec_compat import SUPPORTED_TORCHREC, UnsupportedTorchRecVersion
 from .embeddingbag import (
     AdaptiveEmbeddingBagCollectionSharder,
+    AdaptiveParameterSharding,
     ShardedAdaptiveEmbeddingBagCollection,
     adaptive_table_names,
     sharders,
@@ -72,9 +82,12 @@ __all__ = [
     "AdaptiveEmbeddingBagCollectionSharder",
     "AdaptiveFusedOptimizer",
     "AdaptiveKernelEstimator",
+    "AdaptiveParameterSharding",
     "DataParallelReplicas",
     "ReplicatedLookup",
+    "SUPPORTED_TORCHREC",
     "ShardedAdaptiveEmbeddingBagCollection",
+    "UnsupportedTorchRecVersion",
     "adaptive_constraints",
     "adaptive_planner",
     "adaptive_table_names",

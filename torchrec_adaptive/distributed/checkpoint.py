@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.types import ShardedTensor
 
 from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT, drop_absent_epochs
 

@@ -1,42 +1,44 @@
 """Sharder and sharded module that put our kernel under TorchRec's EmbeddingBagCollection.
 
-Written against torchrec 1.8.0 (``torchrec/distributed/embeddingbag.py``); every hook
-below is an override in a subclass, nothing in TorchRec is patched:
+Written against torchrec 1.8.0 (``torchrec/distributed/embeddingbag.py``). Nothing in
+TorchRec is patched; what reaches a TorchRec internal goes through ``_torchrec_compat.py``
+(the seam: each private named once, with a canary test). The public route first:
 
 * ``__init__``: tables whose optimizer (from ``apply_optimizer_in_backward``) is one
   of ours are re-planned to ``EmbeddingComputeKernel.CUSTOMIZED_KERNEL`` when the
   plan says ``fused`` (what TorchRec's default planner picks; ``dense`` under
-  data_parallel), so ``DistributedModelParallel(model, sharders=sharders())`` works
-  without a custom plan.
-* ``create_grouped_sharding_infos``: TorchRec casts the optimizer class to an FBGEMM
-  ``EmbOptimType`` unless the kwargs hold an ``"optimizer"`` key ("Cannot cast ... to
-  an EmbOptimType"); for our tables we hand it ``{"optimizer": <name>, rule key:
-  RuleConfig}`` instead of the user's kwargs, so those kwargs never reach FBGEMM, and
-  tables with different rules land in different kernel groups (TorchRec groups by
-  fused params).
-* ``_create_lookups``: the stock shardings build ``GroupedPooledEmbeddingsLookup``,
-  which refuses CUSTOMIZED_KERNEL; we build our subclass with the same arguments.
-* ``_initialize_torch_state``: TorchRec skips ShardedTensor bookkeeping for
-  CUSTOMIZED_KERNEL (embeddingbag.py ~line 1197); without it row-wise weights reach
-  ``state_dict`` as plain local tensors and DCP keeps one rank's shard. Our kernel
-  wrapper already returns ShardedTensors like FBGEMM's, so we let TorchRec's own code
-  run with our tables presented as ``fused``.
-* ``init_data_parallel`` / ``sharded_parameter_names``: TorchRec wraps every
+  data_parallel), as an :class:`AdaptiveParameterSharding`: TorchRec's CUSTOMIZED_KERNEL
+  route (torchrec PR #2887, as NVIDIA's dynamicemb uses it) passes its
+  ``get_additional_fused_params`` (the table's RuleConfig and KernelOptions) into the
+  group's fused params, so tables with different rules land in different kernel groups.
+  ``DistributedModelParallel(model, sharders=sharders())`` works without a custom plan.
+* ``create_grouped_sharding_infos`` (public): TorchRec casts the optimizer class to an
+  FBGEMM ``EmbOptimType`` unless the kwargs hold an ``"optimizer"`` key; our tables show
+  it ``{"optimizer": <name>}`` for the call (the seam's ``present_optimizer_kwargs``), so
+  the user's kwargs never reach FBGEMM and are never mutated.
+* lookups: the stock shardings build ``GroupedPooledEmbeddingsLookup``, which refuses
+  CUSTOMIZED_KERNEL; :meth:`create_lookup_for` builds our subclass with the same arguments.
+* ShardedTensor bookkeeping of our tables: TorchRec's own (the seam's
+  ``ShardedEBCHooks._initialize_torch_state``).
+* ``init_data_parallel`` / ``sharded_parameter_names`` (public): TorchRec wraps every
   data-parallel lookup in DDP. Our data-parallel tables are updated in backward from
   the gathered global batch (``replicated.py``) and have no gradient for DDP, so their
   weights stay out of every DDP (the lookup's and DMP's); their replicas start from
   rank 0's values, as DDP would have made them.
+* ``update_shards`` (public; ``DistributedModelParallel.reshard``): refused at once for
+  a module holding our tables, naming them, before anything changes (TorchRec rebuilds
+  every table of the module on FBGEMM's kernel and moves FBGEMM's state only); reshard
+  through a checkpoint instead (``checkpoint.save``, a new DMP with the new plan,
+  ``checkpoint.load``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Set, Type
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embedding_sharding import EmbeddingSharding
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel, ShardingType
 from torchrec.distributed.embeddingbag import (
@@ -53,8 +55,17 @@ from torchrec.distributed.types import ModuleSharder, ParameterSharding, Shardin
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from ..rules.configs import RuleConfig
 from ..rules.optimizers import config_from_optimizer, is_adaptive_optimizer
 from ..kernels.inputs import KernelOptions
+from ._torchrec_compat import (
+    ShardedEBCHooks,
+    ddp_ignore,
+    lookup_args,
+    optimizer_class_of,
+    optimizer_kwargs_of,
+    present_optimizer_kwargs,
+)
 from .inputs import FeatureCheck, check_features
 from .kernel import ADAPTIVE_OPTIONS_KEY, ADAPTIVE_RULE_KEY, AdaptiveGroupedPooledEmbeddingsLookup
 from .replicated import ReplicatedLookup, ddp_names_of_replicas, has_other_parameters, replicas_of
@@ -67,12 +78,6 @@ _ROUTABLE_KERNELS = {EmbeddingComputeKernel.FUSED.value, CUSTOMIZED}
 _ROUTABLE_DP_KERNELS = _ROUTABLE_KERNELS | {EmbeddingComputeKernel.DENSE.value}
 
 
-def optimizer_class_of(param: torch.Tensor) -> Optional[type]:
-    """The class given to ``apply_optimizer_in_backward`` for this table weight, if any."""
-    classes = getattr(param, "_optimizer_classes", None)
-    return classes[0] if classes else None
-
-
 def adaptive_table_names(module: EmbeddingBagCollectionInterface) -> List[str]:
     """Tables of an (unsharded) EBC whose in-backward optimizer is one of ours."""
     params = dict(module.named_parameters())
@@ -82,8 +87,39 @@ def adaptive_table_names(module: EmbeddingBagCollectionInterface) -> List[str]:
     ]
 
 
-def _route_tables(module: EmbeddingBagCollectionInterface,
-                  plan: Dict[str, ParameterSharding]) -> Dict[str, ParameterSharding]:
+@dataclasses.dataclass
+class AdaptiveParameterSharding(ParameterSharding):
+    """One of our tables' ParameterSharding: TorchRec's CUSTOMIZED_KERNEL route.
+
+    TorchRec (``add_params_from_parameter_sharding``) adds what
+    :meth:`get_additional_fused_params` returns to the table's fused params for
+    ``compute_kernel == "customized_kernel"`` (torchrec PR #2887; NVIDIA's dynamicemb
+    plugs its kernel in the same way, ``DynamicEmbParameterSharding``): our kernel reads
+    the rule and the kernel options there (``kernel.rule_of`` / ``options_of``).
+    """
+
+    customized_compute_kernel: Optional[str] = "torchrec_adaptive"
+    rule: Optional[RuleConfig] = None
+    kernel_options: Optional[KernelOptions] = None
+
+    def get_additional_fused_params(self) -> Dict[str, Any]:
+        return {ADAPTIVE_RULE_KEY: self.rule, ADAPTIVE_OPTIONS_KEY: self.kernel_options}
+
+
+def _table_rule(module: EmbeddingBagCollectionInterface, table: str,
+                default_options: Optional[KernelOptions]) -> tuple[RuleConfig, KernelOptions]:
+    """The rule and kernel options of one of our tables, from its ``apply_optimizer_in_backward`` kwargs."""
+    param = dict(module.named_parameters())[f"embedding_bags.{table}.weight"]
+    try:
+        options, rule_kwargs = KernelOptions.split(optimizer_kwargs_of(param), default_options)
+        rule = config_from_optimizer(optimizer_class_of(param), rule_kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"table {table!r}: {e}") from e
+    return rule, options
+
+
+def _route_tables(module: EmbeddingBagCollectionInterface, plan: Dict[str, ParameterSharding],
+                  default_options: Optional[KernelOptions] = None) -> Dict[str, ParameterSharding]:
     """A copy of the plan with our tables on CUSTOMIZED_KERNEL (the caller's plan is not mutated)."""
     ours = set(adaptive_table_names(module))
     out = dict(plan)
@@ -93,42 +129,14 @@ def _route_tables(module: EmbeddingBagCollectionInterface,
             if ps.compute_kernel not in routable:
                 raise ValueError(f"table {name!r} uses a torchrec_adaptive optimizer, which runs on our kernel; "
                                  f"the plan asks for compute kernel {ps.compute_kernel!r} (use 'fused' or {CUSTOMIZED!r})")
-            out[name] = dataclasses.replace(ps, compute_kernel=CUSTOMIZED)
+            rule, options = _table_rule(module, name, default_options)
+            fields = {f.name: getattr(ps, f.name) for f in dataclasses.fields(ParameterSharding)}
+            out[name] = AdaptiveParameterSharding(**{**fields, "compute_kernel": CUSTOMIZED},
+                                                  rule=rule, kernel_options=options)
         elif ps.compute_kernel == CUSTOMIZED:
             raise ValueError(f"table {name!r} is planned on {CUSTOMIZED!r} but its optimizer is not a "
                              "torchrec_adaptive one (apply_optimizer_in_backward(torchrec_adaptive.AdamAR, ...))")
     return out
-
-
-@contextlib.contextmanager
-def _adaptive_fused_params(module: EmbeddingBagCollectionInterface, prefix: str, suffix: Optional[str],
-                           default_options: Optional[KernelOptions] = None) -> Iterator[None]:
-    """Temporarily give our tables kwargs TorchRec passes through untouched.
-
-    TorchRec 1.8.0 reads ``param._optimizer_kwargs[0]`` and mutates it in place
-    (adds "optimizer", renames "lr"); the user's dict is swapped out and restored.
-    """
-    saved: List[tuple[torch.Tensor, Any]] = []
-    try:
-        for config in module.embedding_bag_configs():
-            name = prefix + config.name + (f".{suffix}" if suffix else "")
-            param = dict(module.named_parameters()).get(name)
-            cls = optimizer_class_of(param) if param is not None else None
-            if param is None or not is_adaptive_optimizer(cls):
-                continue
-            kwargs = dict(getattr(param, "_optimizer_kwargs", [{}])[0])
-            try:
-                options, rule_kwargs = KernelOptions.split(kwargs, default_options)
-                rule = config_from_optimizer(cls, rule_kwargs)  # type: ignore[arg-type]
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"table {config.name!r}: {e}") from e
-            saved.append((param, param._optimizer_kwargs))  # type: ignore[attr-defined]
-            param._optimizer_kwargs = [{"optimizer": f"torchrec_adaptive.{cls.__name__}",  # type: ignore[union-attr]
-                                        ADAPTIVE_RULE_KEY: rule, ADAPTIVE_OPTIONS_KEY: options}]
-        yield
-    finally:
-        for param, kwargs in saved:
-            param._optimizer_kwargs = kwargs  # type: ignore[attr-defined]
 
 
 def _feature_checks(module: EmbeddingBagCollectionInterface,
@@ -140,7 +148,7 @@ def _feature_checks(module: EmbeddingBagCollectionInterface,
     for config in module.embedding_bag_configs():
         if config.name not in ours:
             continue
-        kwargs = getattr(params[f"embedding_bags.{config.name}.weight"], "_optimizer_kwargs", [{}])[0]
+        kwargs = optimizer_kwargs_of(params[f"embedding_bags.{config.name}.weight"])
         try:
             options, _ = KernelOptions.split(kwargs, default_options)
         except ValueError as e:
@@ -154,43 +162,43 @@ def _lookup_for(sharding: EmbeddingSharding) -> nn.Module:
     """Same arguments as each torchrec 1.8.0 ``*PooledEmbeddingSharding.create_lookup``, our lookup class."""
     sharding_type: Optional[ShardingType] = None
     if isinstance(sharding, TwRwPooledEmbeddingSharding):
-        configs = sharding._grouped_embedding_configs_per_rank[sharding._rank]
         sharding_type = ShardingType.TABLE_ROW_WISE
-    else:
-        configs = getattr(sharding, "_grouped_embedding_configs", [])
-        if isinstance(sharding, RwPooledEmbeddingSharding):
-            sharding_type = ShardingType.ROW_WISE
-    if not any(c.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL for c in configs):
+    elif isinstance(sharding, RwPooledEmbeddingSharding):
+        sharding_type = ShardingType.ROW_WISE
+    args = lookup_args(sharding)
+    if not any(c.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL for c in args.grouped_configs):
         return sharding.create_lookup()
     if isinstance(sharding, DpPooledEmbeddingSharding):
         # TorchRec's DP lookup has no sharding type (and passes scale_weight_gradients=False);
         # ours names it, so that our kernel builds replicas.
-        env = sharding._env  # type: ignore[attr-defined]
         return AdaptiveGroupedPooledEmbeddingsLookup(
-            grouped_configs=configs, pg=env.process_group, device=sharding._device,  # type: ignore[attr-defined]
-            sharding_type=ShardingType.DATA_PARALLEL, scale_weight_gradients=False, env=env,
+            grouped_configs=args.grouped_configs, pg=args.env.process_group, device=args.device,
+            sharding_type=ShardingType.DATA_PARALLEL, scale_weight_gradients=False, env=args.env,
         )
     if not isinstance(sharding, (TwPooledEmbeddingSharding, CwPooledEmbeddingSharding,  # TwCw subclasses Cw
                                  RwPooledEmbeddingSharding, TwRwPooledEmbeddingSharding)):
         raise NotImplementedError(f"{type(sharding).__name__} is not supported for torchrec_adaptive tables")
     return AdaptiveGroupedPooledEmbeddingsLookup(
-        grouped_configs=configs, pg=sharding._pg, device=sharding._device,  # type: ignore[attr-defined]
-        sharding_type=sharding_type, env=sharding._env,  # type: ignore[attr-defined]
+        grouped_configs=args.grouped_configs, pg=args.pg, device=args.device, sharding_type=sharding_type,
+        env=args.env,
     )
 
 
-class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+class ShardedAdaptiveEmbeddingBagCollection(ShardedEBCHooks):
     """``ShardedEmbeddingBagCollection`` whose tables with our optimizers run our fused kernel."""
 
     def __init__(self, module: EmbeddingBagCollectionInterface,
                  table_name_to_parameter_sharding: Dict[str, ParameterSharding], env: ShardingEnv,
                  fused_params: Optional[Dict[str, Any]] = None, device: Optional[torch.device] = None,
                  **kwargs: Any) -> None:
-        checks = _feature_checks(module, (fused_params or {}).get(ADAPTIVE_OPTIONS_KEY))
-        super().__init__(module, _route_tables(module, table_name_to_parameter_sharding), env,
+        defaults = (fused_params or {}).get(ADAPTIVE_OPTIONS_KEY)
+        checks = _feature_checks(module, defaults)
+        super().__init__(module, _route_tables(module, table_name_to_parameter_sharding, defaults), env,
                          fused_params=fused_params, device=device, **kwargs)
         self._adaptive_checks = checks
         self._adaptive_weighted = module.is_weighted()
+        self._adaptive_tables = sorted(name for name, ps in self.module_sharding_plan.items()
+                                       if ps.compute_kernel == CUSTOMIZED)
 
     def input_dist(self, ctx: Any, features: Any) -> Any:
         """TorchRec's, after checking our tables' features in global table space (``inputs.py``)."""
@@ -202,16 +210,22 @@ class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def create_grouped_sharding_infos(cls, module: EmbeddingBagCollectionInterface,  # type: ignore[override]
                                       table_name_to_parameter_sharding: Dict[str, ParameterSharding], prefix: str,
                                       fused_params: Optional[Dict[str, Any]], suffix: Optional[str] = "weight") -> Any:
-        # Our defaults travel in the sharder's fused params; FBGEMM's tables must never see them.
+        # Our defaults travel in the sharder's fused params; FBGEMM's tables must never see them
+        # (each of our tables has its options on its AdaptiveParameterSharding).
         stock = dict(fused_params or {})
-        defaults = stock.pop(ADAPTIVE_OPTIONS_KEY, None)
-        with _adaptive_fused_params(module, prefix, suffix, defaults):
+        stock.pop(ADAPTIVE_OPTIONS_KEY, None)
+        params = dict(module.named_parameters())
+        ours = []
+        for name, ps in table_name_to_parameter_sharding.items():
+            if isinstance(ps, AdaptiveParameterSharding):
+                param = params[prefix + name + (f".{suffix}" if suffix else "")]
+                ours.append((param, f"torchrec_adaptive.{optimizer_class_of(param).__name__}"))  # type: ignore[union-attr]
+        with present_optimizer_kwargs(ours):
             return super().create_grouped_sharding_infos(module, table_name_to_parameter_sharding, prefix,
                                                          stock, suffix)
 
-    def _create_lookups(self) -> None:
-        for sharding in self._embedding_shardings:
-            self._lookups.append(_lookup_for(sharding))
+    def create_lookup_for(self, sharding: EmbeddingSharding) -> nn.Module:
+        return _lookup_for(sharding)
 
     def init_data_parallel(self) -> None:
         """TorchRec's, except for data-parallel lookups holding our tables: their weights
@@ -221,7 +235,7 @@ class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         with our parameters and buffers on DDP's ignore list. Either way our replicas start
         from rank 0's weights, as DDP's constructor would have made them."""
         without_ddp: Set[int] = set()
-        for i, (sharding, lookup) in enumerate(zip(self._embedding_shardings, self._lookups)):
+        for i, (sharding, lookup) in enumerate(zip(self.embedding_shardings(), self.lookups())):
             kernels = replicas_of(lookup) if isinstance(sharding, DpPooledEmbeddingSharding) else []
             if not kernels:
                 continue
@@ -229,16 +243,11 @@ class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 kernel.replicas.broadcast_from_first(kernel.weights.detach())  # type: ignore[union-attr]
             ignore = ddp_names_of_replicas(lookup)
             if has_other_parameters(lookup, ignore):
-                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(lookup, sorted(ignore))
+                ddp_ignore(lookup, sorted(ignore))
             else:
-                self._lookups[i] = ReplicatedLookup(lookup)
+                self.replace_lookup(i, ReplicatedLookup(lookup))
                 without_ddp.add(i)
-        shardings = self._embedding_shardings
-        self._embedding_shardings = [None if i in without_ddp else s for i, s in enumerate(shardings)]  # type: ignore[misc]
-        try:
-            super().init_data_parallel()
-        finally:
-            self._embedding_shardings = shardings
+        self.init_data_parallel_skipping(without_ddp)
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """Parameters DMP keeps out of its DDP: TorchRec's list (every parameter of this
@@ -253,17 +262,23 @@ class ShardedAdaptiveEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             if key not in names:
                 yield key
 
-    def _initialize_torch_state(self, skip_registering: bool = False) -> None:
-        real_plan = self.module_sharding_plan
-        self.module_sharding_plan = type(real_plan)({  # type: ignore[call-arg]
-            name: dataclasses.replace(ps, compute_kernel=EmbeddingComputeKernel.FUSED.value)
-            if ps.compute_kernel == CUSTOMIZED else ps
-            for name, ps in real_plan.items()
-        })
-        try:
-            super()._initialize_torch_state(skip_registering)
-        finally:
-            self.module_sharding_plan = real_plan
+    def update_shards(self, changed_sharding_params: Dict[str, ParameterSharding], env: ShardingEnv,
+                      device: Optional[torch.device]) -> None:
+        """``DistributedModelParallel.reshard`` (TorchRec's dynamic sharding) ends here. Refused
+        at once, before anything changes, for a module holding our tables: TorchRec rebuilds
+        every table of the module from the new plan (ours on FBGEMM's kernel, which cannot take
+        our rules) and moves only FBGEMM's optimizer state, so our tables would lose their
+        state (moments, c_r, s_r, the step k) even when they do not move."""
+        if self._adaptive_tables:
+            moving = sorted(set(changed_sharding_params) & set(self._adaptive_tables))
+            raise NotImplementedError(
+                f"DistributedModelParallel.reshard is not supported for an EmbeddingBagCollection holding "
+                f"torchrec_adaptive tables {self._adaptive_tables} (asked to move {sorted(changed_sharding_params)}"
+                f"{f', of which ours: {moving}' if moving else ''}): TorchRec's update_shards rebuilds every table of "
+                f"the module on FBGEMM's kernel and moves FBGEMM's optimizer state only. Nothing was changed. "
+                f"Reshard through a checkpoint instead: torchrec_adaptive.distributed.checkpoint.save(model, path), "
+                f"then a new DistributedModelParallel with the new plan and checkpoint.load(model, path).")
+        super().update_shards(changed_sharding_params, env, device)  # type: ignore[arg-type]
 
 
 class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
@@ -290,8 +305,10 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     def __init__(self, fused_params: Optional[Dict[str, Any]] = None, *, offer_customized_kernel: bool = False,
                  offer_data_parallel: bool = True, bounds_check: str = "error", nonfinite: str = "raise",
-                 **kwargs: Any) -> None:
-        super().__init__(fused_params=fused_params, **kwargs)
+                 sharded_module_order_overwrite: Optional[List[str]] = None, **kwargs: Any) -> None:
+        super().__init__(fused_params=fused_params, sharded_module_order_overwrite=sharded_module_order_overwrite,
+                         **kwargs)
+        self.sharded_module_order_overwrite = sharded_module_order_overwrite
         self._offer_customized_kernel = offer_customized_kernel
         self._offer_data_parallel = offer_data_parallel
         # Defaults for our tables; a table's own optimizer kwargs override them.
@@ -318,7 +335,7 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return ShardedAdaptiveEmbeddingBagCollection(
             module=module, table_name_to_parameter_sharding=params, env=env, fused_params=fused_params,
             device=device, qcomm_codecs_registry=self.qcomm_codecs_registry, module_fqn=module_fqn,
-            sharded_module_order_overwrite=self._sharded_module_order_overwrite,
+            sharded_module_order_overwrite=self.sharded_module_order_overwrite,
         )
 
     @property

@@ -27,11 +27,9 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag, EmbeddingFusedOptimizer
 from torchrec.distributed.composable.table_batched_embedding_slice import TableBatchedEmbeddingSlice
-from torchrec.distributed.embedding_kernel import BaseEmbedding
-from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel, GroupedEmbeddingConfig
-from torchrec.distributed.types import ShardingEnv, ShardingType
-from torchrec.modules.embedding_configs import DataType
+from torchrec.distributed.embedding_types import GroupedEmbeddingConfig
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import DataType, pooling_type_to_pooling_mode
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
@@ -40,6 +38,7 @@ from ..kernels.batched import BatchedAdaptiveEmbeddingBag
 from ..kernels.inputs import KernelOptions
 from ..kernels.layout import TableSpec
 from ..rules.configs import RuleConfig
+from ._torchrec_compat import GroupedLookupHooks, mark_updated_in_backward
 from .replicated import DataParallelReplicas
 
 # Key under which the sharded module passes each table's RuleConfig to the kernel,
@@ -205,22 +204,27 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
     """One group of table shards on one rank, run by ``BatchedAdaptiveEmbeddingBag``.
 
     Mirrors torchrec 1.8.0's ``BatchedFusedEmbeddingBag``: the flat weight buffer is
-    exposed per table as ``TableBatchedEmbeddingSlice`` parameters whose
-    ``_in_backward_optimizers`` is a per-table view of the fused optimizer (how
-    TorchRec marks "updated in backward, keep away from dense optimizers and DDP").
+    exposed per table (``named_parameters_by_table``) as ``TableBatchedEmbeddingSlice``
+    parameters marked as updated in backward by a per-table view of the fused optimizer
+    (how TorchRec keeps them away from dense optimizers and DDP). It reads only public
+    fields of TorchRec's base class (``config``, each table config's init bounds).
     Under ``DATA_PARALLEL`` the group is one replica (see the module docstring).
     """
 
     def __init__(self, config: GroupedEmbeddingConfig, pg: Optional[dist.ProcessGroup] = None,
                  device: Optional[torch.device] = None, sharding_type: Optional[ShardingType] = None) -> None:
         super().__init__(config, pg, device, sharding_type)
+        self._adaptive_pg = pg
         if config.data_type != DataType.FP32:
             raise ValueError(f"torchrec_adaptive's kernel holds FP32 tables, got {config.data_type} "
                              f"for {[t.name for t in config.embedding_tables]}")
         counts = Counter(t.name for t in config.embedding_tables)
         seen: Counter[str] = Counter()
         specs: List[TableSpec] = []
-        for t, lo, hi in zip(config.embedding_tables, self._weight_init_mins, self._weight_init_maxs):
+        feature_table_map: List[int] = []
+        for i, t in enumerate(config.embedding_tables):
+            feature_table_map.extend([i] * t.num_features())
+            lo, hi = t.get_weight_init_min(), t.get_weight_init_max()
             # Several column shards of one table can land in one group: kernel names must be unique.
             name = t.name if counts[t.name] == 1 else f"{t.name}#{seen[t.name]}"
             seen[t.name] += 1
@@ -232,31 +236,31 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
                                    init_bounds=(float(lo), float(hi))))
 
         options = options_of(config)
-        self._emb_module: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
-            specs, rule_of(config), feature_table_map=self._feature_table_map,
-            pooling=_pooling(self._pooling), device=device,
+        self._adaptive_kernel: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
+            specs, rule_of(config), feature_table_map=feature_table_map,
+            pooling=_pooling(pooling_type_to_pooling_mode(config.pooling, sharding_type)), device=device,
             bounds_check=options.bounds_check, nonfinite=options.nonfinite,
         )
         if sharding_type == ShardingType.DATA_PARALLEL:
-            self._emb_module.replicas = DataParallelReplicas(pg)
-        self._optim = self._fused_optimizer_for()
+            self._adaptive_kernel.replicas = DataParallelReplicas(pg)
+        self._adaptive_optim = self._fused_optimizer_for()
 
     def _fused_optimizer_for(self, table: Optional[str] = None, weight: Optional[torch.Tensor] = None
                              ) -> FusedOptimizer:
         """The whole group's fused optimizer, or one table's view of it (``table``, ``weight``)."""
-        if self._emb_module.replicas is not None:
-            return ReplicatedFusedOptimizer(self._config, self._emb_module, create_for_table=table,
+        if self._adaptive_kernel.replicas is not None:
+            return ReplicatedFusedOptimizer(self.config, self._adaptive_kernel, create_for_table=table,
                                             param_weight_for_table=weight)
-        return AdaptiveFusedOptimizer(self._config, self._emb_module, self._pg, create_for_table=table,
+        return AdaptiveFusedOptimizer(self.config, self._adaptive_kernel, self._adaptive_pg, create_for_table=table,
                                       param_weight_for_table=weight)
 
     @property
     def emb_module(self) -> BatchedAdaptiveEmbeddingBag:  # type: ignore[override]
-        return self._emb_module
+        return self._adaptive_kernel
 
     @property
     def fused_optimizer(self) -> FusedOptimizer:
-        return self._optim
+        return self._adaptive_optim
 
     def forward(self, features: KeyedJaggedTensor, vbe_output: Optional[torch.Tensor] = None,  # type: ignore[override]
                 vbe_output_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -268,16 +272,16 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
             # TorchRec's row-wise input dist carries positions here for feature processors,
             # which TorchRec's own fused kernel drops the same way.
             weights = None
-        return self._emb_module(features.values(), features.offsets(), weights)
+        return self._adaptive_kernel(features.values(), features.offsets(), weights)
 
-    @property  # type: ignore[override]
-    def _param_per_table(self) -> Dict[str, TableBatchedEmbeddingSlice]:
-        """One slice per table name; the column shards of one table are adjacent in the buffer."""
-        lay = self._emb_module.layout
-        flat = self._emb_module.weights.detach()
-        out: Dict[str, TableBatchedEmbeddingSlice] = {}
-        for name in dict.fromkeys(t.name for t in self._config.embedding_tables):
-            idx = [i for i, t in enumerate(self._config.embedding_tables) if t.name == name]
+    def named_parameters_by_table(self) -> Iterator[Tuple[str, TableBatchedEmbeddingSlice]]:  # type: ignore[override]
+        """One slice per table name (TorchRec's public accessor; the column shards of one table
+        are adjacent in the buffer), each marked as updated in backward by its fused optimizer."""
+        lay = self._adaptive_kernel.layout
+        flat = self._adaptive_kernel.weights.detach()
+        tables = self.config.embedding_tables
+        for name in dict.fromkeys(t.name for t in tables):
+            idx = [i for i, t in enumerate(tables) if t.name == name]
             start = lay.elem_start[idx[0]]
             end = start
             for i in idx:
@@ -286,14 +290,8 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
                 end += lay.tables[i].num_rows * lay.tables[i].dim
             weight = TableBatchedEmbeddingSlice(data=flat, start_offset=start, end_offset=end,
                                                 num_embeddings=-1, embedding_dim=lay.tables[idx[0]].dim)
-            weight._in_backward_optimizers = [self._fused_optimizer_for(name, weight)]  # type: ignore[attr-defined]
-            out[name] = weight
-        return out
-
-    @_param_per_table.setter
-    def _param_per_table(self, v: Dict[str, TableBatchedEmbeddingSlice]) -> None:
-        # BaseBatchedEmbeddingBag.__init__ assigns {}; the property above is computed instead.
-        pass
+            mark_updated_in_backward(weight, self._fused_optimizer_for(name, weight))
+            yield name, weight
 
     def named_buffers(self, prefix: str = "", recurse: bool = True,
                       remove_duplicate: bool = True) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -305,22 +303,19 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
         """Per-table weights, marked as updated in backward (same as ``BatchedFusedEmbeddingBag``)."""
         for name, tensor in self.named_split_embedding_weights(prefix, recurse, remove_duplicate):
             param = nn.Parameter(tensor)
-            param._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
+            mark_updated_in_backward(param, EmptyFusedOptimizer())
             yield name, param
 
     def flush(self) -> None:
-        self._emb_module.flush()
+        self._adaptive_kernel.flush()
 
 
-class AdaptiveGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
+class AdaptiveGroupedPooledEmbeddingsLookup(GroupedLookupHooks):
     """TorchRec's pooled lookup, building our kernel for CUSTOMIZED_KERNEL groups only."""
 
-    def _create_embedding_kernel(self, config: GroupedEmbeddingConfig, device: Optional[torch.device],
-                                 pg: Optional[dist.ProcessGroup], sharding_type: Optional[ShardingType],
-                                 env: Optional[ShardingEnv]) -> BaseEmbedding:
-        if config.compute_kernel == EmbeddingComputeKernel.CUSTOMIZED_KERNEL:
-            return AdaptiveBatchedEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
-        return super()._create_embedding_kernel(config, device, pg, sharding_type, env)
+    def create_customized_kernel(self, config: GroupedEmbeddingConfig, device: Optional[torch.device],
+                                 pg: Optional[dist.ProcessGroup], sharding_type: Optional[ShardingType]) -> nn.Module:
+        return AdaptiveBatchedEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
 
 
 __all__ = [

@@ -19,6 +19,7 @@ and the sharded module reroutes them; use the helpers to get a plan that names
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -29,12 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.enumerators import GUARDED_COMPUTE_KERNELS, EmbeddingEnumerator
-from torchrec.distributed.planner.shard_estimators import (
-    EmbeddingPerfEstimator,
-    EmbeddingStorageEstimator,
-    _calculate_optimizer_sizes,
-)
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.types import CollectiveType, ParameterConstraints, ShardEstimator, ShardingOption
 from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, SharderDataMap, TopologyFactory,
@@ -44,6 +41,12 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ..rules.configs import AdamConfig, RowWiseAdagradConfig, RuleConfig
 from ..rules.optimizers import config_from_optimizer, is_adaptive_optimizer
+from ._torchrec_compat import (
+    GUARDED_COMPUTE_KERNELS,
+    optimizer_class_of,
+    optimizer_kwargs_of,
+    torchrec_optimizer_bytes,
+)
 from .embeddingbag import adaptive_table_names, sharders
 
 CUSTOMIZED = EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value
@@ -147,11 +150,10 @@ def compute_time_factor(rule: RuleConfig, pooling_factor: float, compute_device:
 
 
 def _rule_of_option(so: ShardingOption) -> Optional[RuleConfig]:
-    classes = getattr(so.tensor, "_optimizer_classes", None)
-    if not classes or not is_adaptive_optimizer(classes[0]):
+    cls = optimizer_class_of(so.tensor)
+    if not is_adaptive_optimizer(cls):
         return None
-    kwargs = dict((getattr(so.tensor, "_optimizer_kwargs", None) or [{}])[0])
-    return config_from_optimizer(classes[0], kwargs)
+    return config_from_optimizer(cls, optimizer_kwargs_of(so.tensor))  # type: ignore[arg-type]
 
 
 def data_parallel_gather_bytes(dim: int, batch_size: int, input_lengths: List[float],
@@ -187,15 +189,18 @@ class AdaptiveKernelEstimator(ShardEstimator):
                                           EmbeddingStorageEstimator(topology, constraints)]
 
     def estimate(self, sharding_options: List[ShardingOption], sharder_data_map: SharderDataMap) -> None:
+        # TorchRec's estimators see a copy of each of our options that says ``fused`` (the
+        # caller's options are never changed); the copy shares the option's shards, which the
+        # estimators fill in, and whatever shard list they leave is taken back.
         ours = [so for so in sharding_options if so.compute_kernel == CUSTOMIZED]
+        views = {id(so): copy.copy(so) for so in ours}
+        for view in views.values():
+            view.compute_kernel = FUSED
+        shown = [views.get(id(so), so) for so in sharding_options]
+        for estimator in self._estimators:
+            estimator.estimate(shown, sharder_data_map)
         for so in ours:
-            so.compute_kernel = FUSED
-        try:
-            for estimator in self._estimators:
-                estimator.estimate(sharding_options, sharder_data_map)
-        finally:
-            for so in ours:
-                so.compute_kernel = CUSTOMIZED
+            so.shards = views[id(so)].shards
         for so in ours:
             rule = _rule_of_option(so)
             if rule is not None:
@@ -213,7 +218,7 @@ class AdaptiveKernelEstimator(ShardEstimator):
                 # What TorchRec counted for "the optimizer" (one state the size of the shard
                 # for a class it does not know), replaced by what our kernel allocates.
                 shard_bytes = math.ceil(table_bytes * math.prod(shard.size) / math.prod(shape))
-                theirs = _calculate_optimizer_sizes([shard_bytes], so.tensor._optimizer_classes[0], shape)[0]
+                theirs = torchrec_optimizer_bytes(shard_bytes, optimizer_class_of(so.tensor), shape)
                 delta = optimizer_state_bytes(rule, shard.size[0], shard.size[1]) - theirs
                 if device == "cpu":
                     shard.storage = dataclasses.replace(shard.storage, ddr=shard.storage.ddr + delta)

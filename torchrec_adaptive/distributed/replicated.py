@@ -144,10 +144,9 @@ class ReplicatedLookup(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            inner = self.__dict__.get("_modules", {}).get("module")
-            if inner is None:
+            if name == "module":  # not set yet
                 raise
-            return getattr(inner, name)
+            return getattr(super().__getattr__("module"), name)
 
 
 def replicas_of(lookup: nn.Module) -> List[BatchedAdaptiveEmbeddingBag]:

@@ -39,7 +39,7 @@ def sparse_optimizer_class(cfg: SparseOptimizerConfig) -> Any:
 
 
 def apply_sparse_optimizer(tables: nn.Module, cfg: SparseOptimizerConfig) -> None:
-    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
     apply_optimizer_in_backward(sparse_optimizer_class(cfg), tables.parameters(), dict(cfg.kwargs))
 
