@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .epochs import all_modules
 from .kernels.batched import BatchedAdaptiveEmbeddingBag
 from .rules.optimizers import AdaptiveRowOptimizer
+from .rules.slot_names import COUNT, LAST_STEP
 
 NUM_BUCKETS = 24
 
@@ -58,13 +59,13 @@ def _local_rows(model: nn.Module) -> list[tuple[str, Tensor, Tensor, Tensor, int
             for spec, w, st in zip(m.layout.tables, m.split_embedding_weights(), m.get_optimizer_state()):
                 full = spec.col_offset == 0 and spec.dim == (spec.global_dim or spec.dim)
                 primary = spec.col_offset == 0
-                out.append((spec.table_name, w, st["row_count"], st["row_last_step"], m.optimizer_step, full, primary))
+                out.append((spec.table_name, w, st[COUNT], st[LAST_STEP], m.optimizer_step, full, primary))
     for p in model.parameters():
         for opt in getattr(p, "_in_backward_optimizers", []):
             if isinstance(opt, AdaptiveRowOptimizer) and opt.state.get(p):
                 st = opt.state[p]
                 name = names.get(id(p), f"param{len(out)}")
-                out.append((name, p.detach(), st["row_count"], st["row_last_step"],
+                out.append((name, p.detach(), st[COUNT], st[LAST_STEP],
                             int(opt.param_groups[0].get("step", 0)), True, True))
     return out
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .kernels.batched import BatchedAdaptiveEmbeddingBag
 from .kernels.reinit import hashed_uniform, table_salt
 from .rules.optimizers import AdaptiveRowOptimizer
+from .rules.slot_names import COUNT, LAST_STEP
 
 _EPOCH_ATTR = "_torchrec_adaptive_epoch"
 REINIT_MODES = ("none", "all", "tail")
@@ -179,11 +180,11 @@ def _unsharded_shards(model: nn.Module) -> Iterator[_TableShard]:
                 ours = isinstance(opt, AdaptiveRowOptimizer)
                 step = float(opt.param_groups[0].get("step", 0)) if ours else 0.0
                 for name, s in opt.state.get(weight, {}).items():
-                    if name == "row_count" and ours:
+                    if name == COUNT and ours:
                         counts = s
                     elif isinstance(s, Tensor) and s.dim() >= 1 and s.shape[0] == weight.shape[0]:
                         # as in the kernel: s_r restarts at the re-initialization step
-                        states.append((s, step if (ours and name == "row_last_step") else 0.0))
+                        states.append((s, step if (ours and name == LAST_STEP) else 0.0))
             yield _TableShard(cfg.name, weight.data, 0, 0, (lo, hi), states, counts)
 
 
@@ -191,7 +192,7 @@ def _kernel_shards(model: nn.Module) -> Iterator[_TableShard]:
     for k in _our_kernels(model):
         for i, (spec, state) in enumerate(zip(k.layout.tables, k.get_optimizer_state())):
             yield _TableShard(spec.table_name, k.split_embedding_weights()[i], spec.row_offset, spec.col_offset,
-                              spec.bounds, [], state["row_count"], kernel=k, kernel_table=i)
+                              spec.bounds, [], state[COUNT], kernel=k, kernel_table=i)
 
 
 def table_shards(model: nn.Module) -> list[_TableShard]:
