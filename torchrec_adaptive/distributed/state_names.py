@@ -74,11 +74,13 @@ def checkpoint_view(state: Dict[str, Any], saved_keys: Iterable[str], *, from_st
 
 
 def stock_hint(slot: str, held: List[str]) -> str:
-    """Appended to "optimizer state <slot> is missing" when the table's entries look like stock
-    TorchRec's (no step entry): how to load it."""
-    table, _, name = slot.rpartition(".")
-    if name not in OURS_ONLY or any(h.endswith(f".{STEP_SLOT}") or h.startswith(f"{table}.{STEP_SLOT}.")
-                                    for h in held):
+    """Appended to "optimizer state <slot> is missing" for a table whose step entry is missing (once
+    per table: on its step k) and who holds no step entry at all, as in stock TorchRec's: how to load it."""
+    suffix = f".{STEP_SLOT}.step"
+    if not slot.endswith(suffix):
+        return ""
+    table = slot[: -len(suffix)]
+    if any(h.startswith(f"{table}.{STEP_SLOT}") for h in held):
         return ""
     return (f"; the checkpoint has no '{table}.{STEP_SLOT}', so stock TorchRec's fused optimizer (FBGEMM) wrote "
             f"this table: checkpoint.load(..., from_stock=True) reads its FBGEMM-named state and keeps this "
