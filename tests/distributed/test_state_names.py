@@ -18,7 +18,6 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 import torchrec_adaptive as ta
 from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
-from torchrec_adaptive.rules.slot_names import PREVIOUS_NAMES
 
 from .harness import (
     BATCH_PER_RANK,
@@ -35,8 +34,9 @@ from .harness import (
     shard_with_plan,
 )
 
-OLD = {new: old for old, new in PREVIOUS_NAMES.items() if old != "momentum"}  # AdamAR's: momentum1 <- exp_avg
-OLD_ADAGRAD = {new: old for old, new in PREVIOUS_NAMES.items() if old != "exp_avg"}  # momentum1 <- momentum
+# current -> previous slot names, spelled out (not read from the code under test)
+OLD = {"momentum1": "exp_avg", "prev_iter": "row_last_step"}  # Adam / AdamAR
+OLD_ADAGRAD = {"momentum1": "momentum", "prev_iter": "row_last_step"}  # row-wise Adagrad
 RULES = [(ta.AdamAR, {"lr": 0.05, "alpha": 0.01}, OLD), (ta.RowWiseAdagrad, {"lr": 0.1}, OLD_ADAGRAD)]
 
 
