@@ -36,6 +36,8 @@ STATE_DICT_CASES = [
     ("test_optimizer_load_state_dict", "row_wise", {}),
     ("test_optimizer_load_state_dict", "table_wise", {}),
     ("test_load_state_dict", "table_row_wise", {"is_training": True}),
+    ("test_load_state_dict", "column_wise", {"is_training": True}),
+    ("test_load_state_dict_dp", "data_parallel", {"is_training": True}),
     ("test_load_state_dict_prefix", "row_wise", {"is_training": True}),
     # row-wise: with features permuted across ranks (table-wise on 2 ranks) TorchRec's own sharded EBC has a
     # non-persistent buffer (_features_order_tensor) that this single-rank test does not expect, stock or ours.
