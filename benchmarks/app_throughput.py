@@ -31,7 +31,7 @@ WORLD = 2
 
 def _cases(stock: str) -> Dict[str, List[str]]:
     return {
-        f"stock {stock} (FBGEMM fused)": ["configs/synthetic/rowwise_adagrad.yaml", f"sparse_optimizer.name={stock}"],
+        f"stock {stock} (FBGEMM fused)": ["configs/synthetic/stock_rowwise_adagrad.yaml", f"sparse_optimizer.name={stock}"],
         "ours AdamAR": ["configs/synthetic/adamar.yaml"],
         "ours AdamAR, TrainPipelineSparseDist": ["configs/synthetic/adamar.yaml", "train.pipeline=sparse_dist"],
     }

@@ -73,11 +73,11 @@ def test_tail_reinit_leaves_frequent_rows_bit_identical_and_resets_tail_state():
     w = k.split_embedding_weights()[0]
     st = k.get_optimizer_state()[0]
     assert torch.equal(w[~tail], before_w[~tail])
-    for name in ("exp_avg", "exp_avg_sq", "row_last_step", "row_count"):
+    for name in ("momentum1", "exp_avg_sq", "prev_iter", "row_count"):
         assert torch.equal(st[name][~tail], before[name][~tail]), name
     assert not (w[tail] == before_w[tail]).all(dim=1).any(), "every tail row gets new values"
-    assert not st["exp_avg"][tail].any() and not st["exp_avg_sq"][tail].any()
-    assert (st["row_last_step"][tail] == k.optimizer_step).all()  # idle time counts from the re-init
+    assert not st["momentum1"][tail].any() and not st["exp_avg_sq"][tail].any()
+    assert (st["prev_iter"][tail] == k.optimizer_step).all()  # idle time counts from the re-init
     assert torch.equal(st["row_count"][tail], counts[tail])  # counts kept by default
 
 
@@ -184,7 +184,7 @@ def test_unsharded_ebc_with_our_optimizer_matches_the_kernel_reinit():
     (opt,) = ebc.embedding_bags["t"].weight._in_backward_optimizers
     assert opt.param_groups[0]["epoch"] == 2
     st = opt.state[ebc.embedding_bags["t"].weight]
-    assert not st["exp_avg"].any() and (st["row_last_step"] == 5).all()
+    assert not st["momentum1"].any() and (st["prev_iter"] == 5).all()
     trained = kernel()
     train(trained)  # the same batches as _train_ebc
     # counts kept, and counted as the kernel counts them (duplicates in a batch included)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .collectives import collective_device
+from .rules.slot_names import COUNT, LAST_STEP
 
 NUM_BUCKETS = 24
 
@@ -45,12 +46,12 @@ def _local_rows(model: nn.Module) -> list[tuple[str, Tensor, Tensor, Tensor, int
         for spec, w, st in zip(m.layout.tables, m.split_embedding_weights(), m.get_optimizer_state()):
             full = spec.col_offset == 0 and spec.dim == (spec.global_dim or spec.dim)
             primary = spec.col_offset == 0
-            out.append((spec.table_name, w, st["row_count"], st["row_last_step"], m.optimizer_step, full, primary))
+            out.append((spec.table_name, w, st[COUNT], st[LAST_STEP], m.optimizer_step, full, primary))
     for p, opt in adaptive_row_optimizers(model):
         if opt.state.get(p):
             st = opt.state[p]
             name = names.get(id(p), f"param{len(out)}")
-            out.append((name, p.detach(), st["row_count"], st["row_last_step"],
+            out.append((name, p.detach(), st[COUNT], st[LAST_STEP],
                         int(opt.param_groups[0].get("step", 0)), True, True))
     return out
 

@@ -27,7 +27,7 @@ data:
   synthetic: {num_fields: 6, max_vocab: 2000, train_rows: 6000, test_rows: 2000}
 train: {epochs: 2, batch_size: 128, eval_batch_size: 1024, freq_buckets: [1, 10, 100]}
 """
-METHODS = ["adam", "rowwise_adagrad", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet"]
+METHODS = ["adam", "stock_rowwise_adagrad", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet"]
 
 
 def _env() -> dict[str, str]:
@@ -107,7 +107,7 @@ def test_every_method_and_reader_trains_and_evaluates(study, name):
         assert sum(b["rows"] for b in r["buckets"]) == r["test_rows"]
         positives = sum(b["ctr"] * b["rows"] for b in r["buckets"] if b["rows"])
         assert positives == pytest.approx(float(labels.sum()), abs=1e-6)
-    if name in ("adam", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet", "rowwise_adagrad", "dcn", "pipelined"):
+    if name in ("adam", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet", "stock_rowwise_adagrad", "dcn", "pipelined"):
         # trained as well as evaluated: the synthetic teacher is learnable within 2 tiny epochs
         assert recs[-1]["test_auc"] > 0.55, recs[-1]["test_auc"]
     assert (recs[0]["reinit_rows"] == {}) and ((recs[1]["reinit_rows"] != {}) == (name in ("meda", "avazu")))
@@ -119,7 +119,7 @@ def test_every_method_and_reader_trains_and_evaluates(study, name):
     diag = [json.loads(ln) for ln in (out / name / "diagnostics.jsonl").read_text().splitlines()]
     assert [d["epoch"] for d in diag] == [1, 2]
     # FBGEMM keeps no row counts: only tables trained by our kernel have row statistics
-    assert bool(diag[0]["tables"]) == (name != "rowwise_adagrad")
+    assert bool(diag[0]["tables"]) == (name != "stock_rowwise_adagrad")
 
 
 def test_study_prints_the_table_and_writes_the_plot(study):

@@ -10,7 +10,7 @@ from torchrec_adaptive.apps.dlrm.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "methods" and p.name != "schema.yaml")
-METHODS = {"adam", "rowwise_adagrad", "stock_adam", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet"}
+METHODS = {"adam", "stock_rowwise_adagrad", "stock_adam", "adamar", "fal", "sparse_optimizer", "meda", "helen", "mlet"}
 
 
 def test_every_method_has_a_config_per_dataset():
@@ -34,7 +34,7 @@ def test_methods_differ_where_they_should():
     assert c["sparse_optimizer"].sparse_optimizer.kwargs["lr_multiplier"] != 1.0
     assert c["meda"].meda is not None and c["adam"].meda is None
     assert c["helen"].helen is not None and c["mlet"].model.mlet is not None
-    assert c["rowwise_adagrad"].sparse_optimizer.name == "stock_rowwise_adagrad"
+    assert c["stock_rowwise_adagrad"].sparse_optimizer.name == "stock_rowwise_adagrad"
     assert c["stock_adam"].sparse_optimizer.name == "stock_adam"  # FBGEMM's fused Adam: the baseline on CUDA
     # the method file overrides the dataset base, the base keeps the rest
     assert c["adamar"].train == c["adam"].train and c["adamar"].data == c["adam"].data
@@ -66,6 +66,9 @@ def _write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
         ("model: {mlet: {inner_dim: 32}}\ntrain: {pipeline: sparse_dist}\n", r"mlet: TrainPipelineSparseDist cannot"),
         ("sparse_optimizer: {name: stock_rowwise_adagrad, kwargs: {lr: 0.1}}\nhelen: {}\n", r"helen needs a torchrec_adaptive"),
         ("train: {freq_buckets: [10, 1]}\n", r"freq_buckets must be increasing"),
+        # one name per optimizer: a run named like ours must not train FBGEMM's
+        ("name: rowwise_adagrad\nsparse_optimizer: {name: stock_rowwise_adagrad, kwargs: {lr: 0.1}}\n",
+         r"the run is named 'rowwise_adagrad', our optimizer's name, but trains sparse_optimizer 'stock_rowwise_adagrad'"),
         ("- a\n- b\n", r"top level must be a mapping"),
     ],
 )
@@ -101,3 +104,19 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     assert cfg.sparse_optimizer.kwargs == {"lr": 1e-3, "alpha": 3e-2, "fal_tau": 10.0}
     assert cfg.dense_optimizer.lr == 2e-4
     assert load_config(p, ["name=1e5x"]).name == "1e5x"
+
+
+def test_renamed_method_config_says_where_it_went():
+    """The stock row-wise Adagrad method was rowwise_adagrad.yaml, while sparse_optimizer rowwise_adagrad is ours."""
+    with pytest.raises(ConfigError, match=r"now 'stock_rowwise_adagrad': use stock_rowwise_adagrad.yaml") as e:
+        load_config(ROOT / "configs" / "synthetic" / "rowwise_adagrad.yaml")
+    assert "our RowWiseAdagrad" in str(e.value)
+
+
+def test_config_and_optimizer_modules_do_not_import_each_other():
+    import ast
+
+    app = ROOT / "torchrec_adaptive" / "apps" / "dlrm"
+    imported = {name: {n.module for n in ast.walk(ast.parse((app / f"{name}.py").read_text()))
+                       if isinstance(n, ast.ImportFrom) and n.module} for name in ("config", "optim")}
+    assert "optim" not in imported["config"], "config.py imports optim.py (an import circle with optim -> config)"

@@ -3,7 +3,7 @@
 One 2-rank run trains AdamAR row-wise for 3 steps and saves; the checkpoint is then
 loaded (a) table-wise on the same 2 ranks and (b) on 1 rank, and training goes on for
 2 steps. Both must equal an uninterrupted run to 1e-5: the single-process kernel
-trained 5 steps on the global batches (weights, exp_avg, exp_avg_sq, row_last_step,
+trained 5 steps on the global batches (weights, momentum1, exp_avg_sq, prev_iter,
 row_count, step k), and the 2-rank row-wise run itself, continued and saved at step 5.
 
 Negative controls: the row-wise state dict holds ShardedTensors with the global shape
@@ -151,7 +151,7 @@ def save_and_reshard_worker(rank: int, path: str) -> Dict[str, Any]:
         total = torch.tensor([local])
         dist.all_reduce(total)
         assert 0 < local < rows and int(total) == rows, (n, local, int(total))
-        for slot, shape in (("exp_avg", (rows, dim)), ("row_last_step", (rows,)), ("row_count", (rows,))):
+        for slot, shape in (("momentum1", (rows, dim)), ("prev_iter", (rows,)), ("row_count", (rows,))):
             v = ost[f"ebc.embedding_bags.{n}.weight"][f"{n}.{slot}"]
             assert isinstance(v, ShardedTensor) and tuple(v.size()) == shape, (n, slot, tuple(v.size()))
 
@@ -198,7 +198,7 @@ def save_and_reshard_worker(rank: int, path: str) -> Dict[str, Any]:
     target = _build("row_wise")
     before = _local_shards(target)
     errors = {}
-    for name, must_say in (("rowwise_adagrad", ["table 't0'", "'t0.exp_avg'", "'RowWiseAdagrad'", "t0.momentum"]),
+    for name, must_say in (("rowwise_adagrad", ["table 't0'", "'t0.exp_avg_sq'", "'RowWiseAdagrad'", "t0.momentum1"]),
                            ("adam", ["table 't1'", "written by optimizer 'Adam'", "with 'AdamAR'"]),
                            ("missing", ["table 't1'", "'t1.row_count'"])):
         try:
@@ -208,12 +208,13 @@ def save_and_reshard_worker(rank: int, path: str) -> Dict[str, Any]:
             errors[name] = str(e)
             for s in must_say:
                 assert s in str(e), f"{name}: {s!r} not in: {e}"
-    # Plain dcp.load names the missing key as well (DCP's own check, before any read).
+    # Plain dcp.load names the key as well (DCP's own check, before any read): since both rules call their
+    # first slot momentum1 (FBGEMM's name), DCP meets its shape mismatch before the missing exp_avg_sq.
     try:
         dcp.load(checkpoint.state_dict(target), checkpoint_id=f"{path}/rowwise_adagrad")
         raise AssertionError("dcp.load accepted a RowWiseAdagrad checkpoint for an AdamAR model")
     except dcp.CheckpointException as e:  # a BaseException, wrapping every rank's error
-        assert "t0.exp_avg" in str(e), str(e)
+        assert "t0.momentum1" in str(e), str(e)
     # In-memory load of another optimizer's state (same slot names): refused per table, before any copy.
     try:
         target.fused_optimizer.load_state_dict(adam.fused_optimizer.state_dict())
@@ -256,7 +257,7 @@ def data_parallel_worker(rank: int, path: str) -> Dict[str, Any]:
     for n, rows, dim, _ in TABLES:
         w = sd[f"ebc.embedding_bags.{n}.weight"]
         assert not isinstance(w, ShardedTensor) and tuple(w.shape) == (rows, dim), (n, type(w), tuple(w.shape))
-        for slot, shape in (("exp_avg", (rows, dim)), ("exp_avg_sq", (rows, dim)), ("row_last_step", (rows,)),
+        for slot, shape in (("momentum1", (rows, dim)), ("exp_avg_sq", (rows, dim)), ("prev_iter", (rows,)),
                             ("row_count", (rows,))):
             v = ost[f"ebc.embedding_bags.{n}.weight"][f"{n}.{slot}"]
             assert not isinstance(v, ShardedTensor) and tuple(v.shape) == shape, (n, slot, type(v))

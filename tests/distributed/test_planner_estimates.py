@@ -2,7 +2,7 @@
 
 TorchRec's storage estimator assumes one state the size of the weights for an optimizer
 class it does not know; our kernel keeps AdamAR's two moments per element plus
-row_last_step (int64) and row_count (float64) per row, and row-wise Adagrad one float
+prev_iter (int64) and row_count (float64) per row, and row-wise Adagrad one float
 per row plus the same history. The expected bytes below are written out by hand, not
 taken from the code under test.
 
@@ -72,9 +72,9 @@ def test_storage_counts_our_state_and_perf_uses_measured_speed() -> None:
         for mine, theirs in zip(shards, stock[(name, st)]):
             rows, cols = mine.size
             weights = rows * cols * 4
-            if name == "rwa":  # momentum f32 + row_last_step i64 + row_count f64, per row
+            if name == "rwa":  # momentum1 f32 + prev_iter i64 + row_count f64, per row
                 state = rows * (4 + 8 + 8)
-            else:  # exp_avg + exp_avg_sq per element, row_last_step + row_count per row
+            else:  # momentum1 + exp_avg_sq per element, prev_iter + row_count per row
                 state = rows * cols * 4 * 2 + rows * (8 + 8)
             # TorchRec counted one weights-sized state for a class it does not know.
             assert mine.storage.ddr - theirs.storage.ddr == state - weights, (name, st, mine.storage, theirs.storage)

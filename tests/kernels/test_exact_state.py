@@ -110,11 +110,11 @@ def test_unsharded_state_round_trip_keeps_slot_dtypes():
     p.grad = torch.ones(4, 2)
     opt.step()
     opt.state[p]["row_count"][0] = 2.0**24 + 1
-    opt.state[p]["row_last_step"][1] = 2**40 + 1
+    opt.state[p]["prev_iter"][1] = 2**40 + 1
     q = torch.nn.Parameter(torch.zeros(4, 2))
     other = tra.AdamAR([q], lr=0.01)
     other.load_state_dict(opt.state_dict())
     assert other.state[q]["row_count"].dtype == torch.float64
-    assert other.state[q]["row_last_step"].dtype == torch.int64
+    assert other.state[q]["prev_iter"].dtype == torch.int64
     assert other.state[q]["row_count"][0].item() == 2.0**24 + 1
-    assert other.state[q]["row_last_step"][1].item() == 2**40 + 1
+    assert other.state[q]["prev_iter"][1].item() == 2**40 + 1

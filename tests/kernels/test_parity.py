@@ -88,8 +88,8 @@ def test_rowwise_adagrad_matches_fbgemm_fused(pooling, weighted):
     states_fb = fb.get_optimizer_state()
     for t, st in enumerate(ours.get_optimizer_state()):
         # float32 sums of up to ~100 terms: relative rounding ~1e-6 on every touched row
-        assert relative(states_fb[t]["sum"], st["momentum"], floor=1e-30) <= 1e-5, f"table {t}"
-        assert st["momentum"].count_nonzero() > 0
+        assert relative(states_fb[t]["sum"], st["momentum1"], floor=1e-30) <= 1e-5, f"table {t}"
+        assert st["momentum1"].count_nonzero() > 0
 
 
 def _sparse_adam_reference(lr, betas, eps, seed=0):
@@ -129,7 +129,7 @@ def test_adam_matches_torch_sparse_adam(lr, eps, tol):
         # exp_avg_sq is compared relative to its own size (it spans 1e-10 .. 1 here), so a
         # small one cannot hide a 100 % error; exp_avg is signed and cancels, so absolutely.
         ref_m, ref_v = opt.state[tables[t]]["exp_avg"].to_dense(), opt.state[tables[t]]["exp_avg_sq"].to_dense()
-        assert almost(ref_m, st["exp_avg"]) <= 10 * tol, f"table {t} exp_avg"
+        assert almost(ref_m, st["momentum1"]) <= 10 * tol, f"table {t} momentum1 (exp_avg)"
         assert relative(ref_v, st["exp_avg_sq"], floor=1e-30) <= 10 * tol, f"table {t} exp_avg_sq"
 
 
@@ -178,11 +178,11 @@ def _run_against_dense(rule_kwargs, ref_kwargs, pooling="sum", weighted=False, e
     states = ours.get_optimizer_state()
     for t, (r, w) in enumerate(zip(refs, ours.split_embedding_weights())):
         assert almost(r.weight, w) <= 1e-5, f"table {t} weights"
-        assert almost(r.m, states[t]["exp_avg"]) <= 1e-6, f"table {t} exp_avg"
+        assert almost(r.m, states[t]["momentum1"]) <= 1e-6, f"table {t} momentum1 (exp_avg)"
         # relative to its own size (1e-10 .. 1), so a small one cannot hide a 100 % error;
         # the weights' ~1e-5 (relative ~1e-4) differences reach it through g^2
         assert relative(r.v, states[t]["exp_avg_sq"], floor=1e-30) <= 1e-3, f"table {t} exp_avg_sq"
-        assert torch.equal(r.s, states[t]["row_last_step"]), f"table {t} last step"
+        assert torch.equal(r.s, states[t]["prev_iter"]), f"table {t} last step"
         if r.half_life > 0:
             assert relative(r.c, states[t]["row_count"], floor=1e-30) <= 1e-6, f"table {t} count"
         else:  # whole numbers: exact

@@ -141,9 +141,9 @@ def test_rowwise_rmsprop_ar_matches_fbgemm_op(pooling: str, weighted: bool, kwar
         assert almost(w_fb, w_ours) <= 1e-5, f"table {t}: weights"
         assert not torch.equal(w_ours, w0[t]), f"table {t} never trained"
         # v is O(grad^2); compare it against its own scale, not clamped at 1
-        v_fb, v_ours = fb.row_state(fb.momentum1)[t], states[t]["momentum"]
+        v_fb, v_ours = fb.row_state(fb.momentum1)[t], states[t]["momentum1"]
         assert (v_fb - v_ours).abs().max() <= 1e-5 * v_fb.abs().max(), f"table {t}: momentum1"
-        assert torch.equal(fb.row_state(fb.prev_iter)[t].to(torch.int64), states[t]["row_last_step"]), f"table {t}"
+        assert torch.equal(fb.row_state(fb.prev_iter)[t].to(torch.int64), states[t]["prev_iter"]), f"table {t}"
 
 
 def test_decay_is_exercised_by_the_oracle_cases() -> None:

@@ -13,13 +13,13 @@ from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
 from torchrec_adaptive.rules import FALConfig
 
 RULES = [
-    (tra.RowWiseAdagrad, {"lr": 0.05}, {"momentum": ()}),
-    (tra.Adam, {"lr": 0.01}, {"exp_avg": (8,), "exp_avg_sq": (8,)}),
-    (tra.AdamAR, {"lr": 0.01, "alpha": 0.01}, {"exp_avg": (8,), "exp_avg_sq": (8,)}),
-    (tra.AdamAR, {"lr": 0.01, "alpha": 0.01, "decay": "exponential", "fal_tau": 3.0}, {"exp_avg": (8,)}),
-    (tra.AdamAR, {"lr": 0.01, "alpha": 0.01, "interval": "fbgemm", "min_shrinkage": 0.5}, {"exp_avg": (8,)}),
-    (tra.RowWiseAdagrad, {"lr": 0.05, "fal_tau": 0.5, "fal_tau_is_ratio": True}, {"momentum": ()}),
-    (tra.RowWiseRMSpropAR, {"lr": 0.05, "ar_alpha": 0.5}, {"momentum": ()}),
+    (tra.RowWiseAdagrad, {"lr": 0.05}, {"momentum1": ()}),
+    (tra.Adam, {"lr": 0.01}, {"momentum1": (8,), "exp_avg_sq": (8,)}),
+    (tra.AdamAR, {"lr": 0.01, "alpha": 0.01}, {"momentum1": (8,), "exp_avg_sq": (8,)}),
+    (tra.AdamAR, {"lr": 0.01, "alpha": 0.01, "decay": "exponential", "fal_tau": 3.0}, {"momentum1": (8,)}),
+    (tra.AdamAR, {"lr": 0.01, "alpha": 0.01, "interval": "fbgemm", "min_shrinkage": 0.5}, {"momentum1": (8,)}),
+    (tra.RowWiseAdagrad, {"lr": 0.05, "fal_tau": 0.5, "fal_tau_is_ratio": True}, {"momentum1": ()}),
+    (tra.RowWiseRMSpropAR, {"lr": 0.05, "ar_alpha": 0.5}, {"momentum1": ()}),
 ]
 IDS = [f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(RULES)]
 
@@ -33,7 +33,7 @@ def _kernel(cls, kw, ftm=(0, 0)):
 def test_state_slots_shapes_and_dtypes(cls, kw, slots):
     k = _kernel(cls, kw)
     (state,) = k.get_optimizer_state()
-    assert state["row_last_step"].dtype == torch.int64 and state["row_last_step"].shape == (50,)
+    assert state["prev_iter"].dtype == torch.int64 and state["prev_iter"].shape == (50,)
     assert state["row_count"].dtype == torch.float64 and state["row_count"].shape == (50,)
     for name, tail in slots.items():
         assert state[name].shape == (50, *tail) and state[name].dtype == torch.float32
@@ -51,8 +51,8 @@ def test_only_touched_rows_change_and_duplicates_are_coalesced(cls, kw, slots):
     assert changed == [3, 7, 9]
     (state,) = k.get_optimizer_state()
     assert state["row_count"][[3, 7, 9]].tolist() == [1.0, 3.0, 1.0]
-    assert state["row_last_step"][[3, 7, 9]].tolist() == [1, 1, 1]
-    assert int(state["row_last_step"].count_nonzero()) == 3
+    assert state["prev_iter"][[3, 7, 9]].tolist() == [1, 1, 1]
+    assert int(state["prev_iter"].count_nonzero()) == 3
     for name in slots:
         untouched = torch.ones(50, dtype=torch.bool)
         untouched[[3, 7, 9]] = False

@@ -56,6 +56,7 @@ from torch import nn
 from torchrec.distributed.types import ShardedTensor
 
 from .kernel import OPTIMIZER_NAME_KEY, STEP_SLOT, drop_absent_epochs
+from .state_names import checkpoint_view, stock_hint
 
 
 MANIFEST = "manifest.json"
@@ -301,12 +302,14 @@ def _table_of_saved_key(key: str) -> str:
 
 def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None,
           state: Optional[Dict[str, Any]] = None, *, verify_files: bool = True, checksums: bool = True,
-          strict: bool = True) -> Dict[str, Any]:
+          strict: bool = True, from_stock: bool = False) -> Dict[str, Any]:
     """Raise :class:`CheckpointError` (a ``ValueError``, on every rank) if the checkpoint cannot
     load into ``model`` as a whole: damaged or unfinished files (:func:`verify`, unless
     ``verify_files=False``), a key of the model missing from the checkpoint, another global shape or
     optimizer, or (``strict``) a table of the checkpoint that the model lacks, which a load
-    would drop without a word.
+    would drop without a word. Slots saved under their previous names are read from those;
+    ``from_stock``: tables of a stock TorchRec checkpoint need not hold our step k, s_r and c_r
+    (``state_names.py``).
 
     Collective. Returns the model's state dict (views of its tensors), ready for ``dcp.load``.
     """
@@ -321,7 +324,8 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
         raise CheckpointDamaged(f"checkpoint {checkpoint_id!r}: cannot read {Path(checkpoint_id) / '.metadata'}: "
                                 f"{e}") from None
     state = drop_absent_epochs(state, metadata)  # older checkpoints have no epoch: the model keeps its own
-    flat = _flatten(state, "", {})
+    view = checkpoint_view(state, metadata, from_stock=from_stock)  # the keys the checkpoint holds them under
+    flat = _flatten(view, "", {})
     problems: List[str] = []
     by_table: Dict[str, List[str]] = {}
     for key, value in flat.items():
@@ -356,8 +360,8 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
         prefix = f"optim.state.{param}."
         held = sorted(k[len(prefix):] for k in metadata if k.startswith(prefix))
         problems.append(f"table {_param_table(param)!r}: optimizer state {slot!r} is missing from the checkpoint "
-                        f"(it holds {held or 'no optimizer state'} for this table)")
-    ours = {k: v for k, v in _our_optimizers(state).items() if k in metadata}
+                        f"(it holds {held or 'no optimizer state'} for this table){stock_hint(slot, held)}")
+    ours = {k: v for k, v in _our_optimizers(view).items() if k in metadata}
     # Every rank must take part in the collective read, whatever its own keys.
     gathered: List[Any] = [None] * (dist.get_world_size(process_group) if dist.is_initialized() else 1)
     if dist.is_initialized():
@@ -386,18 +390,22 @@ def check(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.Pro
 
 def load(model: nn.Module, checkpoint_id: str, process_group: Optional[dist.ProcessGroup] = None,
          extra: Optional[Mapping[str, Any]] = None, *, verify_files: bool = True, checksums: bool = True,
-         strict: bool = True) -> Dict[str, Any]:
+         strict: bool = True, from_stock: bool = False) -> Dict[str, Any]:
     """Collective: :func:`check` (files against the manifest, then keys, shapes and optimizers,
     ``extra`` included), then load weights and fused optimizer state (any plan, any world size)
     and ``extra``: objects get ``load_state_dict``, plain dicts are filled in place. Returns what
     was loaded. DCP loads in place, so an ``extra`` object's state must already exist (a torch
     optimizer: ``KeyedOptimizer.init_state()`` first). ``verify_files=False`` loads a folder
-    written by plain ``dcp.save`` (no manifest)."""
+    written by plain ``dcp.save`` (no manifest). ``from_stock``: the checkpoint was written by stock
+    TorchRec (FBGEMM's fused optimizer, e.g. ``EXACT_ROWWISE_ADAGRAD``): its FBGEMM-named state loads
+    and each such table keeps this model's step k, s_r and c_r (``state_names.py``)."""
     state = check(model, checkpoint_id, process_group, state=state_dict(model, extra), verify_files=verify_files,
-                  checksums=checksums, strict=strict)
+                  checksums=checksums, strict=strict, from_stock=from_stock)
+    view = checkpoint_view(state, dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata,
+                           from_stock=from_stock)
     try:
         # check() found every key of ``state`` in the checkpoint (the epoch of an older one was dropped)
-        dcp.load(state, checkpoint_id=checkpoint_id, process_group=process_group)
+        dcp.load(view, checkpoint_id=checkpoint_id, process_group=process_group)
     except (Exception, dcp.CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointDamaged(
             f"checkpoint {checkpoint_id!r}: reading failed although its files matched the manifest "

@@ -82,7 +82,8 @@ class OptimizerStep:
 
     It also records which optimizer wrote the state (``"AdamAR"``, ...): loading
     another optimizer's state (Adam's moments into AdamAR, whose slots have the same
-    names) raises instead of silently training on foreign state.
+    names) raises instead of silently training on foreign state. (A stock TorchRec
+    checkpoint has no such entry: ``checkpoint.load(..., from_stock=True)``.)
     """
 
     def __init__(self, module: BatchedAdaptiveEmbeddingBag, table: str) -> None:
@@ -120,13 +121,15 @@ def drop_absent_epochs(state: Dict[str, Any], saved_keys: Any) -> Dict[str, Any]
 
 
 class AdaptiveFusedOptimizer(EmbeddingFusedOptimizer):
-    """TorchRec's ``EmbeddingFusedOptimizer`` with our state names and the optimizer step.
+    """TorchRec's ``EmbeddingFusedOptimizer`` with the optimizer step.
 
     TorchRec's class works unchanged on our kernel (it only calls
     ``split_embedding_weights``, ``get_optimizer_state``, ``get/set_learning_rate``,
-    ``set_optimizer_step`` and ``update_hyper_parameters``), but it renames each
-    table's first state to ``momentum1`` for FBGEMM compatibility; we rename it back
-    so checkpoints say ``row_last_step`` / ``exp_avg``. It also never saves the step
+    ``set_optimizer_step`` and ``update_hyper_parameters``). It names each table's
+    first state ``momentum1``, FBGEMM's name; our slots use FBGEMM's names and order
+    (``rules/slot_names.py``), so that first state is our ``momentum1`` and the keys are
+    the same as a stock table's (a rule whose first slot is not ``momentum1`` gets its
+    own name back below). It also never saves the step
     k (FBGEMM keeps it in a buffer); AdamAR's bias corrections and idle gaps depend
     on it, so each table gets ``<table>.optimizer_step`` (identical on every rank).
     """

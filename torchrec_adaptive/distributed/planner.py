@@ -89,8 +89,8 @@ def adaptive_constraints(model: nn.Module, constraints: Optional[Dict[str, Param
 def optimizer_state_bytes(rule: RuleConfig, rows: int, cols: int) -> int:
     """Bytes of optimizer state our kernel keeps for a ``rows x cols`` shard, from the rule's slots.
 
-    AdamAR / Adam: exp_avg and exp_avg_sq per element (2 x 4 B x cols per row) plus
-    row_last_step (int64) and row_count (float64) per row; row-wise Adagrad: its sum
+    AdamAR / Adam: momentum1 and exp_avg_sq per element (2 x 4 B x cols per row) plus
+    prev_iter (int64) and row_count (float64) per row; row-wise Adagrad: its sum momentum1
     (float32) plus the same per-row history. A column shard keeps its own per-row slots.
     """
     per_row = 0

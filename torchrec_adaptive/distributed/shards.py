@@ -19,6 +19,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from ..kernels.batched import BatchedAdaptiveEmbeddingBag
 from ..rules.optimizers import AdaptiveRowOptimizer
+from ..rules.slot_names import COUNT, LAST_STEP
 from ._torchrec_compat import in_backward_optimizers, sharded_lookups
 
 
@@ -74,7 +75,7 @@ def _kernel_shards(model: nn.Module) -> Iterator[TableShard]:
     for k in adaptive_kernels(model):
         for i, (spec, state) in enumerate(zip(k.layout.tables, k.get_optimizer_state())):
             yield TableShard(spec.table_name, k.split_embedding_weights()[i], spec.row_offset, spec.col_offset,
-                             spec.bounds, [], state["row_count"], kernel=k, kernel_table=i)
+                             spec.bounds, [], state[COUNT], kernel=k, kernel_table=i)
 
 
 def _stock_fused_shards(model: nn.Module) -> Iterator[TableShard]:
@@ -109,11 +110,11 @@ def _unsharded_shards(model: nn.Module) -> Iterator[TableShard]:
                 ours = isinstance(opt, AdaptiveRowOptimizer)
                 step = float(opt.param_groups[0].get("step", 0)) if ours else 0.0
                 for name, s in opt.state.get(weight, {}).items():
-                    if name == "row_count" and ours:
+                    if name == COUNT and ours:
                         counts = s
                     elif isinstance(s, Tensor) and s.dim() >= 1 and s.shape[0] == weight.shape[0]:
                         # as in the kernel: s_r restarts at the re-initialization step
-                        states.append((s, step if (ours and name == "row_last_step") else 0.0))
+                        states.append((s, step if (ours and name == LAST_STEP) else 0.0))
             yield TableShard(cfg.name, weight.data, 0, 0,
                              _default_bounds(cfg.weight_init_min, cfg.weight_init_max, cfg.num_embeddings),
                              states, counts)

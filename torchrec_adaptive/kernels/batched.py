@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..rules.apply import RowUpdate, Workspace, update_rows
 from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
+from ..rules.slot_names import COUNT, LAST_STEP, rename_previous_buffers
 from ..rules.transforms import scale_by_row_frequency
 from . import fused_cpu
 from .fused_cpu import LookupGrad
@@ -228,6 +229,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         for s in self._slots:
             size = lay.total_elems if s.per_element else lay.total_rows
             self.register_buffer(f"state_{s.name}", torch.full((size,), s.init, dtype=s.dtype, device=device))
+        self.register_load_state_dict_pre_hook(rename_previous_buffers)  # state_dicts with older slot names load
 
         ftm = torch.tensor(lay.feature_table_map, dtype=torch.long)
         rows = torch.tensor([t.num_rows for t in lay.tables], dtype=torch.long)
@@ -360,9 +362,9 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             return
         state = self.get_optimizer_state()[table]
         for slot in self._slots:
-            if slot.name == "row_count" and keep_counts:
+            if slot.name == COUNT and keep_counts:
                 continue
-            fill = float(self.optimizer_step) if slot.name == "row_last_step" else slot.init
+            fill = float(self.optimizer_step) if slot.name == LAST_STEP else slot.init
             state[slot.name].index_fill_(0, rows, fill)
 
     def refresh_row_statistics(self) -> None:
@@ -370,7 +372,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         if self._fal is None or not self._fal.tau_is_ratio:
             return
         counts = self.get_optimizer_state()
-        self._fal.tau_by_table = torch.stack([count_quantile(c["row_count"], self._fal.tau) for c in counts])
+        self._fal.tau_by_table = torch.stack([count_quantile(c[COUNT], self._fal.tau) for c in counts])
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"optimizer_step": self.optimizer_step, "learning_rate": self.learning_rate, "epoch": self.epoch}
@@ -520,7 +522,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
 
     def _capture(self, batches: list[GroupBatch]) -> None:
         self._capture_next = False
-        counts = self._slot_buffer("row_count")
+        counts = self._slot_buffer(COUNT)
         for gi, (g, batch) in enumerate(zip(self.layout.groups, batches)):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
@@ -535,7 +537,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         out: dict[str, float] = {}
         states = self.get_optimizer_state()
         for t, spec in enumerate(self.layout.tables):
-            out[spec.table_name] = max(out.get(spec.table_name, 0.0), float(states[t]["row_count"].max()))
+            out[spec.table_name] = max(out.get(spec.table_name, 0.0), float(states[t][COUNT].max()))
         for cap in self.captured:
             for t in cap.table.unique().tolist():
                 name = self.layout.tables[t].table_name

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..rules.apply import RowUpdate
+from ..rules.slot_names import ACCUMULATOR, FIRST_MOMENT, SECOND_MOMENT
 from ..rules.base import RowBatch, RowChain, RowTransform
 from ..rules.transforms import (
     add_adaptive_row_decay,
@@ -155,12 +156,12 @@ class FusedChain:
                    grad.bag_grads.float().contiguous())
         if isinstance(self.base, scale_by_row_adam):
             b = self.base
-            ext.adam_rows_(weight, state["exp_avg"], state["exp_avg_sq"], *lookups, lr, keep_arg,
+            ext.adam_rows_(weight, state[FIRST_MOMENT], state[SECOND_MOMENT], *lookups, lr, keep_arg,
                            b.beta1, b.beta2, b.eps, 1.0 - b.beta1**step, math.sqrt(1.0 - b.beta2**step))
         else:
             l2 = self.l2.weight_decay if self.l2 is not None else 0.0
             # one row-wise loop: Adagrad accumulates (1, 1), RMSprop averages (beta, 1 - beta)
-            ext.rowwise_adagrad_rows_(weight, state["momentum"], *lookups, lr, keep_arg, self.base.eps, l2,
+            ext.rowwise_adagrad_rows_(weight, state[ACCUMULATOR], *lookups, lr, keep_arg, self.base.eps, l2,
                                       *self.base.accumulation())
 
 

@@ -96,7 +96,8 @@ class RowChain:
     """Runs transforms in order; the composition is itself a transform.
 
     Slot names must be unique across the chain: they become the optimizer-state
-    keys TorchRec users see (``<table>.<slot>``).
+    keys TorchRec users see (``<table>.<slot>``), FBGEMM's names where the quantity is
+    FBGEMM's (:mod:`.slot_names`), listed in FBGEMM's order.
     """
 
     def __init__(self, transforms: Sequence[RowTransform]) -> None:
@@ -107,7 +108,10 @@ class RowChain:
             raise ValueError(f"state slot names must be unique in a chain, repeated: {sorted(dup)}")
 
     def slots(self) -> tuple[StateSlot, ...]:
-        return tuple(s for t in self.transforms for s in t.slots())
+        """Every transform's slots, FBGEMM's first (TorchRec names a table's first state ``momentum1``)."""
+        from .slot_names import fbgemm_order
+
+        return tuple(fbgemm_order(s for t in self.transforms for s in t.slots()))
 
     def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
         new_state: dict[str, Tensor] = {}

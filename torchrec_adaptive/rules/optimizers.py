@@ -28,6 +28,7 @@ from . import occurrences
 from .apply import RowUpdate, allocate_row_state, update_rows
 from .base import RowChain
 from .configs import AdamARConfig, AdamConfig, RowWiseAdagradConfig, RowWiseRMSpropARConfig, RuleConfig
+from .slot_names import COUNT, with_current_names
 from .transforms import scale_by_row_frequency
 
 
@@ -150,8 +151,11 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's, except that the row slots keep their own dtypes: torch casts every
         state tensor to the parameter's dtype, which would turn s_r (int64) and c_r
-        (float64) into float32, exact only to 2^24. Float32 counts of older state load."""
-        saved = state_dict.get("state", {})
+        (float64) into float32, exact only to 2^24. Float32 counts of older state load,
+        and so do slots saved under their previous names (``slot_names.PREVIOUS_NAMES``)."""
+        saved = {index: with_current_names(slots) if isinstance(slots, dict) else slots
+                 for index, slots in state_dict.get("state", {}).items()}
+        state_dict = {**state_dict, "state": saved}
         super().load_state_dict(state_dict)
         dtypes = {s.name: s.dtype for s in self.config.build().slots() if s.dtype != torch.float32}
         params = [p for g in self.param_groups for p in g["params"]]
@@ -168,7 +172,7 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
             return
         for t in chain.transforms:
             if isinstance(t, scale_by_row_frequency):
-                t.tau_by_table = count_quantile(state["row_count"], fal.tau).reshape(1)
+                t.tau_by_table = count_quantile(state[COUNT], fal.tau).reshape(1)
 
 
 def count_quantile(counts: Tensor, q: float) -> Tensor:

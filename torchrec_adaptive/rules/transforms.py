@@ -15,9 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import RowBatch, StateSlot
-
-LAST_STEP = "row_last_step"
-COUNT = "row_count"
+from .slot_names import ACCUMULATOR, COUNT, FIRST_MOMENT, LAST_STEP, SECOND_MOMENT
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -187,7 +185,7 @@ class scale_by_rowwise_adagrad(_Validated):  # noqa: N801
         _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
 
     def slots(self) -> tuple[StateSlot, ...]:
-        return (StateSlot("momentum", torch.float32),)
+        return (StateSlot(ACCUMULATOR, torch.float32),)
 
     def accumulation(self) -> tuple[float, float]:
         """(decay of the old accumulator, scale of this step's mean squared gradient)."""
@@ -196,9 +194,9 @@ class scale_by_rowwise_adagrad(_Validated):  # noqa: N801
     def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
         g = batch.grad
         decay, scale = self.accumulation()
-        acc = state["momentum"] * decay + g.square().mean(dim=1) * scale
+        acc = state[ACCUMULATOR] * decay + g.square().mean(dim=1) * scale
         batch.grad = g / (acc.sqrt() + self.eps).unsqueeze(1)
-        return {"momentum": acc}
+        return {ACCUMULATOR: acc}
 
 
 @dataclass
@@ -207,8 +205,8 @@ class scale_by_rowwise_rmsprop(scale_by_rowwise_adagrad):  # noqa: N801
     v_r <- beta v_r + (1 - beta) mean_j g_rj^2; direction = g / (sqrt(v_r) + eps).
 
     No bias correction, as in FBGEMM: a fresh row's first step is 1/sqrt(1 - beta)
-    times larger than Adagrad's. The slot is FBGEMM's ``momentum1``; it is called ``momentum``
-    like row-wise Adagrad's sum, which FBGEMM keeps in the same place.
+    times larger than Adagrad's. The slot is FBGEMM's ``momentum1``, where FBGEMM also keeps
+    row-wise Adagrad's sum (``slot_names``).
     """
 
     ema_beta: float = 0.99
@@ -242,19 +240,20 @@ class scale_by_row_adam(_Validated):  # noqa: N801
         _check(self.eps > 0 and math.isfinite(self.eps), f"eps must be > 0, got {self.eps}")
 
     def slots(self) -> tuple[StateSlot, ...]:
-        return (StateSlot("exp_avg", per_element=True), StateSlot("exp_avg_sq", per_element=True))
+        # TorchRec's keys for FBGEMM's ADAM state (``slot_names``): m is momentum1, v exp_avg_sq.
+        return (StateSlot(FIRST_MOMENT, per_element=True), StateSlot(SECOND_MOMENT, per_element=True))
 
     def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
         g = batch.grad
-        m = state["exp_avg"].lerp_(g, 1.0 - self.beta1)
-        v = state["exp_avg_sq"].mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+        m = state[FIRST_MOMENT].lerp_(g, 1.0 - self.beta1)
+        v = state[SECOND_MOMENT].mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
         bc1 = 1.0 - self.beta1 ** batch.step
         bc2_sqrt = math.sqrt(1.0 - self.beta2 ** batch.step)
         # (sqrt(v) / bc2_sqrt + eps) * bc1, then m / that: in place on one buffer,
         # since on CPU every fresh [U, D] tensor costs page faults.
         direction = torch.sqrt(v, out=batch.scratch("adam_direction", v)).mul_(bc1 / bc2_sqrt).add_(self.eps * bc1)
         batch.grad = torch.div(m, direction, out=direction)
-        return {"exp_avg": m, "exp_avg_sq": v}
+        return {FIRST_MOMENT: m, SECOND_MOMENT: v}
 
 
 @dataclass

@@ -26,6 +26,8 @@ import yaml
 
 from ...epochs import MEDAConfig
 from .data.synthetic import SyntheticConfig
+from .optimizer_names import OURS as _OUR_OPTIMIZERS
+from .optimizer_names import STOCK, our_optimizer, renamed_method_hint
 
 
 class _Loader(yaml.SafeLoader):
@@ -108,7 +110,8 @@ class SparseOptimizerConfig:
 
     ``name``: ours (``adam``, ``adamar``, ``rowwise_adagrad``: the fused torchrec_adaptive
     kernel) or stock (``stock_rowwise_adagrad``: FBGEMM's fused row-wise Adagrad;
-    ``stock_adam``: FBGEMM's fused Adam, CUDA only). ``kwargs`` go to
+    ``stock_adam``: FBGEMM's fused Adam, CUDA only); ``optimizer_names.py``. The method
+    configs use the same words (``configs/*/stock_rowwise_adagrad.yaml`` trains FBGEMM's). ``kwargs`` go to
     ``apply_optimizer_in_backward`` unchanged (FAL: ``fal_tau`` ..., table multiplier:
     ``lr_multiplier``; see docs/rules.md).
     """
@@ -158,8 +161,7 @@ class RunConfig:
 
 DATA_KINDS = ("synthetic", "parquet", "criteo_tsv", "criteo_npy", "avazu", "tabular")
 ARCHS = ("dlrm", "dlrm_dcn")
-OURS = ("adam", "adamar", "rowwise_adagrad")
-STOCK = ("stock_rowwise_adagrad", "stock_adam")
+OURS = tuple(_OUR_OPTIMIZERS)
 DENSE = ("adam", "adamw", "sgd", "adagrad")
 PIPELINES = ("auto", "plain", "sparse_dist")
 
@@ -242,7 +244,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         raw = _yaml(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}{renamed_method_hint(path.stem)}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -310,9 +312,11 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
              "(torch.fx TraceError): train.pipeline must be 'plain' (or 'auto')")
     need(so.name in OURS + STOCK, f"sparse_optimizer.name must be one of {OURS + STOCK}, got {so.name!r}")
     need("lr" in so.kwargs, "sparse_optimizer.kwargs must set lr")
+    need(not (cfg.name in OURS and so.name in STOCK),
+         f"the run is named {cfg.name!r}, our optimizer's name, but trains sparse_optimizer {so.name!r} (FBGEMM's "
+         f"stock one); name it {so.name!r} (the method config of FBGEMM's row-wise Adagrad is now "
+         f"stock_rowwise_adagrad.yaml) or use sparse_optimizer.name {cfg.name!r}")
     if so.name in OURS:
-        from .optim import our_optimizer
-
         try:
             our_optimizer(so.name).rule_config(**so.kwargs)
         except (TypeError, ValueError) as e:

@@ -13,19 +13,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ...rules import Adam, AdamAR, RowWiseAdagrad
 from .config import DenseOptimizerConfig, SparseOptimizerConfig
-
-_OURS = {"adam": Adam, "adamar": AdamAR, "rowwise_adagrad": RowWiseAdagrad}
-
-
-def our_optimizer(name: str) -> Any:
-    return _OURS[name]
+from .optimizer_names import OURS, our_optimizer
 
 
 def sparse_optimizer_class(cfg: SparseOptimizerConfig) -> Any:
-    if cfg.name in _OURS:
-        return _OURS[cfg.name]
+    """The optimizer class of ``sparse_optimizer.name`` (``optimizer_names``: bare names ours, ``stock_*`` FBGEMM's)."""
+    if cfg.name in OURS:
+        return our_optimizer(cfg.name)
     if cfg.name == "stock_rowwise_adagrad":
         import torchrec.optim as trec_optim
 
