@@ -213,8 +213,9 @@ class DeviceChecks:
             return indices, None
         limit = feature_rows[feature_of_lookup]
         bad = (indices < 0) | (indices >= limit)
-        pos = bad.to(torch.uint8).argmax()
-        self._note(indices.device, self.BOUNDS, bad.any(), [feature_of_lookup[pos], indices[pos], bad.sum()], step)
+        pos = bad.to(torch.uint8).argmax().reshape(1)  # a tensor index: indexing by a 0-d tensor reads it on the host
+        self._note(indices.device, self.BOUNDS, bad.any(),
+                   [feature_of_lookup.index_select(0, pos)[0], indices.index_select(0, pos)[0], bad.sum()], step)
         clamped = torch.minimum(indices.clamp(min=0), limit - 1)
         return clamped, (bad if mode == "error" else None)
 
@@ -268,7 +269,7 @@ class DeviceChecks:
         return out + self._messages(self._record.cpu())
 
     def _messages(self, host: Tensor) -> list[tuple[str, str]]:
-        values = host.tolist()  # a host tensor: no device sync
+        values = host.numpy().tolist()  # a host copy: reading it waits for no device
         rec = self._record
         assert rec is not None
         lay = self.layout
