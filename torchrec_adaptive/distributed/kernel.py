@@ -45,7 +45,7 @@ from .replicated import DataParallelReplicas
 # Key under which the sharded module passes each table's RuleConfig to the kernel,
 # inside TorchRec's per-table ``fused_params`` (see embeddingbag.py).
 ADAPTIVE_RULE_KEY = "torchrec_adaptive_rule"
-# Key of each table's KernelOptions (bounds_check, nonfinite) in the same fused params;
+# Key of each table's KernelOptions (bounds_check, nonfinite, backend, ...) in the same fused params;
 # in the sharder's own fused params, the defaults for tables whose kwargs do not set them.
 ADAPTIVE_OPTIONS_KEY = "torchrec_adaptive_options"
 
@@ -234,8 +234,7 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
         options = options_of(config)
         self._emb_module: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
             specs, rule_of(config), feature_table_map=self._feature_table_map,
-            pooling=_pooling(self._pooling), device=device,
-            bounds_check=options.bounds_check, nonfinite=options.nonfinite,
+            pooling=_pooling(self._pooling), device=device, **options.kernel_kwargs(),
         )
         if sharding_type == ShardingType.DATA_PARALLEL:
             self._emb_module.replicas = DataParallelReplicas(pg)
