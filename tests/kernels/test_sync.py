@@ -48,6 +48,7 @@ class SyncCounter(TorchDispatchMode):
 
 
 TABLES = [TableSpec(f"t{i}", 50, 8, lr_multiplier=1.0 + i / 2) for i in range(4)]
+MIXED = [TableSpec(f"t{i}", 50, 8 if i % 2 else 4, lr_multiplier=1.0 + i / 2) for i in range(4)]  # 2 dim groups
 B = 8
 
 RULES = {
@@ -72,20 +73,24 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def step_syncs(k: BatchedAdaptiveEmbeddingBag, step: int) -> list[str]:
     idx, off = batch(step)
-    target = torch.randn(B, 8 * len(TABLES), generator=torch.Generator().manual_seed(100 + step))
+    g = torch.Generator().manual_seed(100 + step)
+    target = torch.randn(B, sum(t.dim for t in k.layout.tables), generator=g)
+    psw = torch.rand(idx.shape, generator=g) if k.pooling == "sum" else None
     with SyncCounter() as counter:
-        ((k(idx, off) - target) ** 2).sum().backward()
+        ((k(idx, off, psw) - target) ** 2).sum().backward()
     return counter.seen
 
 
+@pytest.mark.parametrize("tables,pooling", [(TABLES, "sum"), (MIXED, "mean")], ids=["one_dim_group", "two_dim_groups"])
 @pytest.mark.parametrize("name", list(RULES))
-def test_no_host_sync_in_a_steady_state_step(name):
-    k = BatchedAdaptiveEmbeddingBag(TABLES, RULES[name], backend="triton")
+def test_no_host_sync_in_a_steady_state_step(name, tables, pooling):
+    k = BatchedAdaptiveEmbeddingBag(tables, RULES[name], backend="triton", pooling=pooling)
     assert k.update_path().backend == "triton"
     for s in range(1, 3):  # warm-up: FAL's ratio threshold is estimated at step 1
         step_syncs(k, s)
+    before = k.weights.detach().clone()
     assert step_syncs(k, 3) == []
-    assert k.optimizer_step == 3 and k.weights.grad is None
+    assert k.optimizer_step == 3 and not torch.equal(before, k.weights.detach())
 
 
 def test_the_counter_sees_the_host_path_syncs():
@@ -96,9 +101,9 @@ def test_the_counter_sees_the_host_path_syncs():
     assert any("_local_scalar_dense" in s for s in seen) and any("unique_consecutive" in s for s in seen), seen
 
 
-def kernel(**kw) -> BatchedAdaptiveEmbeddingBag:
+def kernel(items_dim=4, **kw) -> BatchedAdaptiveEmbeddingBag:
     torch.manual_seed(0)
-    tables = [TableSpec("users", 10, 4), TableSpec("items", 20, 4)]
+    tables = [TableSpec("users", 10, 4), TableSpec("items", 20, items_dim)]
     return BatchedAdaptiveEmbeddingBag(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), backend="triton", **kw)
 
 
@@ -116,12 +121,13 @@ def assert_unchanged(k, snap):
         assert torch.equal(b, snap[1][n]), n
 
 
-def test_a_bad_id_trains_nothing_and_is_raised_at_the_next_step():
-    k = kernel()
+@pytest.mark.parametrize("items_dim", [4, 8], ids=["one_dim_group", "two_dim_groups"])
+def test_a_bad_id_trains_nothing_and_is_raised_at_the_next_step(items_dim):
+    k = kernel(items_dim)
     k(GOOD_IDX, GOOD_OFF).sum().backward()
     # ID 25 is out of range for items: the step trains as if that lookup were not there
     k(torch.tensor([1, 2, 3, 25, 5]), GOOD_OFF).sum().backward()
-    ref = kernel(bounds_check="off")
+    ref = kernel(items_dim, bounds_check="off")
     ref(GOOD_IDX, GOOD_OFF).sum().backward()
     ref(torch.tensor([1, 2, 3, 5]), torch.tensor([0, 1, 2, 3, 4])).sum().backward()
     assert torch.equal(k.weights.detach(), ref.weights.detach())

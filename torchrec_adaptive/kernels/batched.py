@@ -69,7 +69,22 @@ class GroupLookups:
     offsets: Tensor  # [F_g * B + 1] int64
     bag_lengths: Tensor  # [F_g * B]
     per_sample_weights: Tensor | None  # with MEAN pooling only when ``invalid`` is set: then 1/len folded in
-    invalid: Tensor | None = None  # [L_g] bool: bad IDs that must train nothing (device checks, see inputs.py)
+    invalid: Tensor | None = None  # [L_g] bool: bad IDs and padding that train nothing (device checks only)
+
+    def compact(self) -> "GroupLookups":
+        """Without the lookups that train nothing, for the paths that sync anyway (Helen's
+        capture, data-parallel replicas): a boolean mask, so a host sync."""
+        if self.invalid is None:
+            return self
+        n, bags = self.indices.numel(), self.bag_lengths.numel()
+        lengths = torch.cat([self.bag_lengths, (n - self.offsets[-1]).reshape(1)])
+        bag = torch.repeat_interleave(torch.arange(bags + 1, device=self.indices.device), lengths, output_size=n)
+        keep = ~self.invalid
+        kept = torch.bincount(bag[keep], minlength=bags + 1)[:bags]
+        offsets = torch.zeros(bags + 1, dtype=torch.long, device=self.indices.device)
+        torch.cumsum(kept, 0, out=offsets[1:])
+        psw = self.per_sample_weights
+        return GroupLookups(self.indices[keep], offsets, kept, psw[keep] if psw is not None else None)
 
 
 @dataclass
@@ -276,7 +291,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         self._refusals: list[str] = []
         self.captured: list[CapturedRows] = []
         self._perturbed: list[SavedRows] = []
-        self._group_table_cache: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+        self._const_cache: dict[tuple[str, torch.device], Tensor] = {}
         self._paths: dict[tuple[torch.device, torch.dtype], UpdatePath] = {}  # planned per device (.to() moves)
         self._checks = DeviceChecks(lay, self._feature_cols, self.options.sync_check_interval)
         self._fal = next((t for t in self.chain.transforms if isinstance(t, scale_by_row_frequency)), None)
@@ -479,8 +494,14 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             indices = check_bounds(lay, indices, feature_of_lookup, self._feature_rows, self.bounds_check)
         block_rows = indices + self._feature_row_offset[feature_of_lookup]
         psw = per_sample_weights.to(self.weights.dtype) if per_sample_weights is not None else None
-        if invalid is not None:  # bad IDs (looked up clamped) weigh 0 in the output; MEAN's 1/len folded in
-            psw = (~invalid).to(self.weights.dtype) if psw is None else psw * (~invalid)
+        multi = len(lay.groups) > 1
+        if invalid is not None or (on_device and multi):
+            # Lookups that train nothing (bad IDs, looked up clamped; a dim group's padding)
+            # weigh 0, so every lookup carries a weight and MEAN's 1/len is folded into it.
+            if psw is None:
+                psw = torch.ones(indices.numel(), dtype=self.weights.dtype, device=indices.device)
+            if invalid is not None:
+                psw = psw * (~invalid)
             if self.pooling == "mean":
                 psw = psw / bag_lengths.clamp(min=1).to(psw.dtype).repeat_interleave(
                     bag_lengths, output_size=indices.numel())
@@ -489,13 +510,20 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         if len(lay.groups) == 1:
             lookups.append(_batch_major(block_rows, offsets, bag_lengths, psw, num_features, batch_size, invalid))
         else:
-            group_of_feature = torch.tensor(lay.feature_group, device=indices.device)
-            lookup_group = group_of_feature[feature_of_lookup]
+            lookup_group = self._device_const("feature_group", lay.feature_group, indices.device)[feature_of_lookup]
             for g, grp in enumerate(lay.groups):
-                mask = lookup_group == g
-                lengths = bag_lengths.view(num_features, batch_size)[list(grp.features)].reshape(-1)
+                features = self._device_const(f"features{g}", grp.features, indices.device)
+                lengths = bag_lengths.view(num_features, batch_size).index_select(0, features).reshape(-1)
                 offs = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=indices.device)
                 torch.cumsum(lengths, 0, out=offs[1:])
+                if on_device:  # no boolean mask (its size is data): all lookups, the group's first, the rest padding
+                    other = lookup_group != g
+                    perm = torch.argsort(other.to(torch.uint8), stable=True)
+                    pad = other[perm]
+                    lookups.append(GroupLookups(block_rows[perm], offs, lengths, psw[perm],  # type: ignore[index]
+                                                pad if invalid is None else pad | invalid[perm]))
+                    continue
+                mask = lookup_group == g
                 lookups.append(GroupLookups(block_rows[mask], offs, lengths, psw[mask] if psw is not None else None,
                                             invalid[mask] if invalid is not None else None))
         return _FusedLookup.apply(self.weights, self, lookups, batch_size)
@@ -575,8 +603,11 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         for a non-finite output gradient) masks the whole update on the device."""
         lk = batch.lookups
         n = lk.indices.numel()
-        bag_of_lookup = torch.repeat_interleave(torch.arange(lk.bag_lengths.numel(), device=lk.indices.device),
-                                                lk.bag_lengths, output_size=n)
+        bags = lk.bag_lengths.numel()
+        # one more bag holds a dim group's padding lookups (see forward), so the sizes add up to n
+        lengths = torch.cat([lk.bag_lengths, (n - lk.offsets[-1]).reshape(1)])
+        bag_of_lookup = torch.repeat_interleave(torch.arange(bags + 1, device=lk.indices.device), lengths,
+                                                output_size=n)
         weight = lk.per_sample_weights
         if weight is None and self.pooling == "mean":
             weight = (1.0 / lk.bag_lengths.clamp(min=1).to(batch.bag_grads.dtype))[bag_of_lookup]
@@ -643,7 +674,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         when it is (None: checked on the host). A data-parallel replica gets every
         replica's batch here, and learns whether any replica's gradient is non-finite,
         so all of them apply (or refuse) the same update."""
-        batches = [GroupBatch(lk, self._bag_grads(g, grad_output, batch_size))
+        batches = [GroupBatch(lk if self.replicas is None else lk.compact(), self._bag_grads(g, grad_output, batch_size))
                    for g, lk in zip(self.layout.groups, lookups)]
         if path.device_checks and self.replicas is None and not self._capture_next:
             return batches, "", self._checks.nonfinite(grad_output, self.optimizer_step + 1)
@@ -723,6 +754,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def _sorted_lookups(self, lk: GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, LookupGrad]:
         """Unique rows, their occurrence counts, and their lookups grouped by row
         (see the module docstring: a row's gradient is a bag over output gradients)."""
+        lk = lk.compact()
         sorted_rows, perm = torch.sort(lk.indices)
         rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
         num_bags = lk.bag_lengths.numel()
@@ -754,12 +786,17 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         table = tables[torch.searchsorted(starts, rows, right=True) - 1]
         return (self.learning_rate * self._table_kappa[table]).unsqueeze(1), table
 
+    def _device_const(self, name: str, values: Sequence[int], device: torch.device) -> Tensor:
+        """``values`` as an int64 tensor on ``device``, made once per device (a host-to-device
+        copy in every step would wait for the device)."""
+        key = (name, device)
+        hit = self._const_cache.get(key)
+        if hit is None:
+            hit = self._const_cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return hit
+
     def _group_tables(self, g: DimGroup, device: torch.device) -> tuple[Tensor, Tensor]:
         """The group's table row starts and table indices on ``device``, made once (a
         host-to-device copy in every step would wait for the device)."""
-        key = (g.row_start, device)
-        hit = self._group_table_cache.get(key)
-        if hit is None:
-            hit = self._group_table_cache[key] = (torch.tensor(g.table_row_starts, device=device),
-                                                  torch.tensor(g.tables, device=device))
-        return hit
+        return (self._device_const(f"row_starts{g.row_start}", g.table_row_starts, device),
+                self._device_const(f"tables{g.row_start}", g.tables, device))

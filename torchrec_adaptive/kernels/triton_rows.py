@@ -4,9 +4,10 @@ the [U, D] loop), with no host synchronization anywhere in a step.
 
 Why Triton: on CUDA the eager chain is ~30 small torch ops per dim group and step
 (gather, ~8 elementwise passes, scatter), and ``torch.unique_consecutive`` plus the
-checks force the host to wait for the device. One Triton program per touched row sums
-the row's lookups' bag gradients in registers and applies the rule in place on the
-weights and state, so each touched row is read and written once, as FBGEMM's TBE does.
+checks force the host to wait for the device. Each Triton program takes a block of
+touched rows, sums each row's lookups' bag gradients in registers and applies the rule
+in place on the weights and state, so each touched row is read and written once, as
+FBGEMM's TBE does.
 FBGEMM's fused optimizers are a fixed, code-generated list (no AdamAR, no FAL), so
 they cannot run these rules.
 
@@ -44,6 +45,11 @@ from ..rules.transforms import scale_by_row_adam
 from .fused_cpu import FusedChain
 
 _STORE_BLOCK = 256
+_INTERPRET_ROWS = 32
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -52,7 +58,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if device.type == "cpu" and not _interpreting():
         return "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
     if device.type not in ("cpu", "cuda"):
         return f"Triton does not run on {device.type!r} tensors"
@@ -134,18 +140,22 @@ class TritonChain:
             if f is not None:
                 keep = f if keep is None else keep * f
         d = weight.shape[1]
+        block_d = max(16, 1 << (d - 1).bit_length())
+        # rows per program: ~2K elements a program on a GPU; the interpreter pays per program, so more there
+        block_r = max(1, min(_INTERPRET_ROWS if _interpreting() else 2048 // block_d, 64))
         common: dict[str, Any] = dict(HAS_LW=seg.weight is not None, HAS_KEEP=keep is not None,
-                                      BLOCK_D=max(16, 1 << (d - 1).bit_length()))
+                                      BLOCK_R=block_r, BLOCK_D=block_d)
+        grid = (triton_cdiv(n, block_r),)
         lookups = (seg.rows, seg.row_offsets, seg.bags, seg.weight if seg.weight is not None else seg.occurrences,
                    bag_grads.float().contiguous(), batch.lr.reshape(-1).float().contiguous(),
                    keep.float().contiguous() if keep is not None else seg.occurrences, seg.n_valid, d)
         base = self.plan.base
         if isinstance(base, scale_by_row_adam):
-            k.adam_rows[(n,)](weight, state["exp_avg"], state["exp_avg_sq"], *lookups, 1.0 - base.beta1, base.beta2, 1.0 - base.beta2, base.eps,
+            k.adam_rows[grid](weight, state["exp_avg"], state["exp_avg_sq"], *lookups, 1.0 - base.beta1, base.beta2, 1.0 - base.beta2, base.eps,
                               1.0 / (1.0 - base.beta1**step), 1.0 / math.sqrt(1.0 - base.beta2**step), **common)
         else:
             l2 = self.plan.l2.weight_decay if self.plan.l2 is not None else 0.0
-            k.rowwise_adagrad_rows[(n,)](weight, state["momentum"], *lookups, base.eps, l2, *base.accumulation(),
+            k.rowwise_adagrad_rows[grid](weight, state["momentum"], *lookups, base.eps, l2, *base.accumulation(),
                                          **common)
 
 
