@@ -56,8 +56,10 @@ RULES = {
     "adamar_linear": tra.AdamAR.rule_config(lr=0.01, alpha=0.01),
     "adamar_exponential": tra.AdamAR.rule_config(lr=0.01, alpha=0.01, decay="exponential"),
     "adamar_fbgemm": tra.AdamAR.rule_config(lr=0.01, alpha=1.0, interval="fbgemm", min_shrinkage=0.2),
+    # the ratio threshold re-estimated in every step: the quantile of the counts needs no sync either
     "fal_adamar": tra.AdamAR.rule_config(lr=0.01, alpha=0.01, fal_tau=0.5, fal_tau_is_ratio=True,
-                                         count_half_life=4.0, lr_multiplier=2.0),
+                                         fal_tau_refresh_steps=1, count_half_life=4.0, lr_multiplier=2.0),
+    "fal_fixed_tau_adam": tra.Adam.rule_config(lr=0.01, fal_tau=3.0, fal_power=2.0, fal_epoch_decay=0.5),
     "rowwise_adagrad_l2": tra.RowWiseAdagrad.rule_config(lr=0.05, weight_decay=0.01),
     "rowwise_adagrad_decoupled": tra.RowWiseAdagrad.rule_config(lr=0.05, weight_decay=0.01,
                                                                 weight_decay_mode="decoupled"),
@@ -86,7 +88,7 @@ def step_syncs(k: BatchedAdaptiveEmbeddingBag, step: int) -> list[str]:
 def test_no_host_sync_in_a_steady_state_step(name, tables, pooling):
     k = BatchedAdaptiveEmbeddingBag(tables, RULES[name], backend="triton", pooling=pooling)
     assert k.update_path().backend == "triton"
-    for s in range(1, 3):  # warm-up: FAL's ratio threshold is estimated at step 1
+    for s in range(1, 3):  # warm-up (the first step plans the path)
         step_syncs(k, s)
     before = k.weights.detach().clone()
     assert step_syncs(k, 3) == []

@@ -13,7 +13,14 @@ embedding bag over the pooled-output gradients (row r's gradient is the weighted
 sum of the gradients of the bags that contain r). After sorting the lookups by
 row, one ``embedding_bag`` call on the output gradient computes all of them, so
 no dense table gradient and no per-lookup ``[L, D]`` tensor is ever built.
-Everything is device-agnostic torch ops: the same code runs on CPU and CUDA.
+
+Who applies the update (``backend``, chosen per device at each step, see
+:class:`~torchrec_adaptive.kernels.inputs.KernelOptions`): the eager chain (the rule's
+transforms as torch ops, any device), the compiled CPU loops (``fused_cpu``, CPU) or the
+Triton kernels (``triton_rows``, the CUDA default), which sum each touched row's lookups
+in registers and update it in place. The triton path is also the one with no host sync:
+its layout has upper-bound sizes and its checks are device-side flags
+(:class:`~torchrec_adaptive.kernels.inputs.DeviceChecks`), read a step later.
 
 Non-finite gradients (``nonfinite``): a step whose output gradient has a NaN/Inf is
 refused inside backward by updating nothing (weights and row state untouched), while

@@ -126,7 +126,8 @@ class TritonChain:
             return
         k = kernels()
         valid_rows = torch.where(torch.arange(n, device=seg.rows.device) < seg.n_valid, seg.rows, 0)
-        batch = RowBatch(rows=valid_rows, weight=weight, grad=weight, lr=lr.reshape(n, 1), occurrences=seg.occurrences,
+        none = weight.new_empty(0)  # the per-row transforms read neither rows nor gradients; the kernels do
+        batch = RowBatch(rows=valid_rows, weight=none, grad=none, lr=lr.reshape(n, 1), occurrences=seg.occurrences,
                          step=step, epoch=epoch, table=table, base_lr=base_lr)
         grid_store = (triton_cdiv(n, _STORE_BLOCK),)
         for t in self.plan.row_transforms:
