@@ -12,10 +12,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _rows_grad(u, umask, ROW_OFF, BAGS, LW, BAG_GRADS, D, cols, cmask, HAS_LW: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # The summed gradients [BLOCK_R, BLOCK_D] of segments u: segment u's j-th lookup adds
-    # lw[i] * bag_grads[bags[i]], i = row_offsets[u] + j.
+def _rows_grad(ROW_OFF, BAGS, LW, BAG_GRADS, N_VALID, D, HAS_LW: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    # This program's segments u (umask: u < n_valid), the columns, and the summed gradients
+    # [BLOCK_R, BLOCK_D]: segment u's j-th lookup adds lw[i] * bag_grads[bags[i]], i = row_offsets[u] + j.
+    u = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    umask = u < tl.load(N_VALID)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
     start = tl.load(ROW_OFF + u, mask=umask, other=0)
     count = tl.load(ROW_OFF + u + 1, mask=umask, other=0) - start
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -29,18 +33,14 @@ def _rows_grad(u, umask, ROW_OFF, BAGS, LW, BAG_GRADS, D, cols, cmask, HAS_LW: t
             g = g * tl.load(LW + start + j, mask=has, other=0.0)[:, None]
         acc += g
         j += 1
-    return acc
+    return u, umask, cols, cmask, acc
 
 
 @triton.jit
 def adam_rows(W, M, V, ROWS, ROW_OFF, BAGS, LW, BAG_GRADS, LR, KEEP, N_VALID, D,
               one_b1, beta2, one_b2, eps, inv_bc1, inv_bc2s,
               HAS_LW: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    u = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    umask = u < tl.load(N_VALID)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    g = _rows_grad(u, umask, ROW_OFF, BAGS, LW, BAG_GRADS, D, cols, cmask, HAS_LW, BLOCK_R, BLOCK_D)
+    u, umask, cols, cmask, g = _rows_grad(ROW_OFF, BAGS, LW, BAG_GRADS, N_VALID, D, HAS_LW, BLOCK_R, BLOCK_D)
     off = tl.load(ROWS + u, mask=umask, other=0).to(tl.int64)[:, None] * D + cols[None, :]
     mask = umask[:, None] & cmask[None, :]
     w = tl.load(W + off, mask=mask, other=0.0)
@@ -61,11 +61,7 @@ def adam_rows(W, M, V, ROWS, ROW_OFF, BAGS, LW, BAG_GRADS, LR, KEEP, N_VALID, D,
 def rowwise_adagrad_rows(W, ACC, ROWS, ROW_OFF, BAGS, LW, BAG_GRADS, LR, KEEP, N_VALID, D,
                          eps, l2, acc_decay, sq_scale,
                          HAS_LW: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    u = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    umask = u < tl.load(N_VALID)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    g = _rows_grad(u, umask, ROW_OFF, BAGS, LW, BAG_GRADS, D, cols, cmask, HAS_LW, BLOCK_R, BLOCK_D)
+    u, umask, cols, cmask, g = _rows_grad(ROW_OFF, BAGS, LW, BAG_GRADS, N_VALID, D, HAS_LW, BLOCK_R, BLOCK_D)
     row = tl.load(ROWS + u, mask=umask, other=0).to(tl.int64)
     off = row[:, None] * D + cols[None, :]
     mask = umask[:, None] & cmask[None, :]
