@@ -172,3 +172,38 @@ def test_cpu_backend_without_interpreter_is_refused_for_triton(monkeypatch):
     with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
         assert k.update_path().backend == "eager"
     assert os.environ.get("TRITON_INTERPRET") is None
+
+
+_COMPILE = '''
+import triton
+from triton.backends.compiler import GPUTarget
+from torchrec_adaptive.kernels import triton_kernels as tk
+
+rows = {"ROWS": "*i64", "ROW_OFF": "*i64", "BAGS": "*i64", "LW": "*fp32", "BAG_GRADS": "*fp32", "LR": "*fp32",
+        "KEEP": "*fp32", "N_VALID": "*i64", "D": "i32"}
+flags = {"HAS_LW": "constexpr", "HAS_KEEP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}
+scalars = {tk.adam_rows: ("one_b1", "beta2", "one_b2", "eps", "inv_bc1", "inv_bc2s"),
+           tk.rowwise_adagrad_rows: ("eps", "l2", "acc_decay", "sq_scale")}
+buffers = {tk.adam_rows: ("W", "M", "V"), tk.rowwise_adagrad_rows: ("W", "ACC")}
+for fn in scalars:
+    sig = {**{b: "*fp32" for b in buffers[fn]}, **rows, **{s: "fp32" for s in scalars[fn]}, **flags}
+    for weighted in (False, True):
+        consts = {"HAS_LW": weighted, "HAS_KEEP": not weighted, "BLOCK_R": 32, "BLOCK_D": 64}
+        triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+for dtype in ("*i64", "*fp64", "*fp32"):
+    sig = {"DST": dtype, "ROWS": "*i64", "VALUES": dtype, "N_VALID": "*i64", "BLOCK": "constexpr"}
+    triton.compile(triton.compiler.ASTSource(fn=tk.store_rows, signature=sig, constexprs={"BLOCK": 256}),
+                   target=GPUTarget("cuda", 90, 32))
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_a_gpu(tmp_path):
+    """The interpreter accepts code the compiler refuses, so every kernel variant is also
+    compiled (not run) down to a cubin for an H100 (sm_90); no GPU is needed for that."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
