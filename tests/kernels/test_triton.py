@@ -17,6 +17,9 @@ import torch
 
 # Triton's interpreter must be on before triton is first imported (its own library
 # functions are jitted at import); no other test module imports triton.
+if torch.cuda.is_available():  # Triton's interpreter is process-wide: keep it off where kernels run compiled
+    pytest.skip("a GPU machine: the triton backend is tested compiled there (test_triton_gpu.py)",
+                allow_module_level=True)
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
