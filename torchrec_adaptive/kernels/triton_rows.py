@@ -151,12 +151,13 @@ class TritonChain:
                    bag_grads.float().contiguous(), batch.lr.reshape(-1).float().contiguous(),
                    keep.float().contiguous() if keep is not None else seg.occurrences, seg.n_valid, d)
         base = self.plan.base
+        own = [state[slot.name] for slot in base.slots()]  # Adam's two moments or the row-wise accumulator
         if isinstance(base, scale_by_row_adam):
-            k.adam_rows[grid](weight, state["exp_avg"], state["exp_avg_sq"], *lookups, 1.0 - base.beta1, base.beta2, 1.0 - base.beta2, base.eps,
+            k.adam_rows[grid](weight, *own, *lookups, 1.0 - base.beta1, base.beta2, 1.0 - base.beta2, base.eps,
                               1.0 / (1.0 - base.beta1**step), 1.0 / math.sqrt(1.0 - base.beta2**step), **common)
         else:
             l2 = self.plan.l2.weight_decay if self.plan.l2 is not None else 0.0
-            k.rowwise_adagrad_rows[grid](weight, state["momentum"], *lookups, base.eps, l2, *base.accumulation(),
+            k.rowwise_adagrad_rows[grid](weight, *own, *lookups, base.eps, l2, *base.accumulation(),
                                          **common)
 
 
