@@ -24,6 +24,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${pip[@]}" fbgemm-gpu==1.8.0
 else
   "${pip[@]}" fbgemm-gpu-cpu==1.8.0
+  "${pip[@]}" -r requirements/cpu.txt  # triton for the interpreter tests (CUDA torch brings its own)
 fi
 "${pip[@]}" --no-deps torchrec==1.8.0
 "${pip[@]}" -r requirements/base.txt

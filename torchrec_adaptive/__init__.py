@@ -4,6 +4,8 @@
 names the rule; the kernel in :mod:`torchrec_adaptive.kernels` runs it inside backward.
 """
 
+from typing import Any
+
 from .diagnostics import row_statistics
 from .epochs import EpochReport, MEDAConfig, start_epoch
 from .kernels import BatchedAdaptiveEmbeddingBag, TableSpec
@@ -12,14 +14,16 @@ from .rules import (Adam, AdamAR, AdamARConfig, AdamConfig, FALConfig, RowWiseAd
 
 
 
-def sharders() -> list:  # type: ignore[type-arg]
-    """Our EmbeddingBagCollection sharder plus TorchRec's defaults, for ``DistributedModelParallel``.
+def sharders(**kwargs: Any) -> list:  # type: ignore[type-arg]
+    """Our EmbeddingBagCollection sharder plus TorchRec's defaults, for ``DistributedModelParallel``;
+    ``kwargs`` as :func:`torchrec_adaptive.distributed.sharders` (the kernel options, e.g.
+    ``backend="triton"``, ``sync_check_interval=10``).
 
     Imported lazily so that ``import torchrec_adaptive`` (rules, kernel) never imports torchrec.
     """
     from .distributed import sharders as _sharders
 
-    return _sharders()
+    return _sharders(**kwargs)
 
 
 __all__ = [

@@ -5,7 +5,7 @@
   say ``ID 50 ... [0, 50)`` for ID 100 of a 100-row table, and ``ID 2^63 - 1`` for -1);
 * an empty batch on every rank trains nothing and changes nothing;
 * VBE and non-float per-sample weights are refused at the input, naming the features;
-* ``nonfinite`` / ``bounds_check`` are set per table (optimizer kwargs) or for all our
+* ``nonfinite`` / ``bounds_check`` / ``backend`` / ``sync_check_interval`` are set per table (optimizer kwargs) or for all our
   tables (the sharder), validated with the table's name;
 * the epoch (FAL's m_r(e)) is restored by ``checkpoint.load``; older checkpoints without it load.
 """
@@ -122,12 +122,16 @@ def options_worker(rank: int) -> Dict[str, Any]:
     # t0: its own options; t1, t2: the sharder's defaults
     ebc = make_ebc()
     apply_optimizer_in_backward(tra.AdamAR, [ebc.embedding_bags["t0"].weight],
-                                {"lr": 0.05, "nonfinite": "skip", "bounds_check": "warn"})
+                                {"lr": 0.05, "nonfinite": "skip", "bounds_check": "warn", "backend": "eager",
+                                 "sync_check_interval": 5})
     apply_optimizer_in_backward(tra.AdamAR, [ebc.embedding_bags["t1"].weight, ebc.embedding_bags["t2"].weight],
                                 {"lr": 0.05})
     model = _dmp(ebc, {n: row_wise() for n, *_ in TABLES}, nonfinite="skip", bounds_check="off")
     got = {t.table_name: (k.nonfinite, k.bounds_check) for k in _kernels(model) for t in k.layout.tables}
     assert got == {"t0": ("skip", "warn"), "t1": ("skip", "off"), "t2": ("skip", "off")}, got
+    runs = {t.table_name: (k.options.backend, k.options.sync_check_interval, k.update_path().backend)
+            for k in _kernels(model) for t in k.layout.tables}
+    assert runs == {"t0": ("eager", 5, "eager"), "t1": (None, 1, "cpu"), "t2": (None, 1, "cpu")}, runs
     # warn: the global ID in the warning, clamped, and the step trains
     with pytest.warns(RuntimeWarning, match=r"feature 'f0' \(table 't0'\): ID 45 is out of range \[0, 40\).*clamped"):
         out = model(_batch_with("f0", 45))
@@ -148,6 +152,10 @@ def options_worker(rank: int) -> Dict[str, Any]:
         apply_optimizer_in_backward(tra.AdamAR, ebc.embedding_bags.parameters(), {"lr": 0.05, "nonfinite": "ignore"})
     with pytest.raises(ValueError, match="bounds_check must be one of"):
         tra.distributed.sharders(bounds_check="clip")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tra.sharders(backend="gpu")
+    with pytest.raises(ValueError, match="sync_check_interval must be an integer >= 1"):
+        apply_optimizer_in_backward(tra.AdamAR, ebc.embedding_bags.parameters(), {"lr": 0.05, "sync_check_interval": 0})
     return {"options": got}
 
 

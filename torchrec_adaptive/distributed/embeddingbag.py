@@ -305,6 +305,7 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
     def __init__(self, fused_params: Optional[Dict[str, Any]] = None, *, offer_customized_kernel: bool = False,
                  offer_data_parallel: bool = True, bounds_check: str = "error", nonfinite: str = "raise",
+                 backend: Optional[str] = None, sync_check_interval: int = 1, validate_offsets: bool = True,
                  sharded_module_order_overwrite: Optional[List[str]] = None, **kwargs: Any) -> None:
         super().__init__(fused_params=fused_params, sharded_module_order_overwrite=sharded_module_order_overwrite,
                          **kwargs)
@@ -312,7 +313,8 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         self._offer_customized_kernel = offer_customized_kernel
         self._offer_data_parallel = offer_data_parallel
         # Defaults for our tables; a table's own optimizer kwargs override them.
-        self._kernel_options = KernelOptions(bounds_check=bounds_check, nonfinite=nonfinite)
+        self._kernel_options = KernelOptions(bounds_check=bounds_check, nonfinite=nonfinite, backend=backend,
+                                             sync_check_interval=sync_check_interval, validate_offsets=validate_offsets)
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = [t for t in super().sharding_types(compute_device_type) if t != ShardingType.GRID_SHARD.value]
@@ -344,13 +346,17 @@ class AdaptiveEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
 
 
 def sharders(*, offer_customized_kernel: bool = False, offer_data_parallel: bool = True,
-             bounds_check: str = "error", nonfinite: str = "raise") -> List[ModuleSharder[nn.Module]]:
+             bounds_check: str = "error", nonfinite: str = "raise", backend: Optional[str] = None,
+             sync_check_interval: int = 1, validate_offsets: bool = True) -> List[ModuleSharder[nn.Module]]:
     """Our EBC sharder plus TorchRec's default sharders for every other module type.
 
-    ``bounds_check`` / ``nonfinite``: defaults for our tables (see ``KernelOptions``); a
-    table's own ``apply_optimizer_in_backward`` kwargs of the same names override them."""
+    ``bounds_check`` / ``nonfinite`` / ``backend`` / ``sync_check_interval`` / ``validate_offsets``:
+    defaults for our tables (see ``KernelOptions``, validated here); a table's own
+    ``apply_optimizer_in_backward`` kwargs of the same names override them."""
     ours = AdaptiveEmbeddingBagCollectionSharder(offer_customized_kernel=offer_customized_kernel,
                                                  offer_data_parallel=offer_data_parallel,
-                                                 bounds_check=bounds_check, nonfinite=nonfinite)
+                                                 bounds_check=bounds_check, nonfinite=nonfinite, backend=backend,
+                                                 sync_check_interval=sync_check_interval,
+                                                 validate_offsets=validate_offsets)
     rest = [s for s in get_default_sharders() if s.module_type is not EmbeddingBagCollection]
     return [ours, *rest]  # type: ignore[list-item]

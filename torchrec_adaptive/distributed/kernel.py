@@ -44,7 +44,7 @@ from .replicated import DataParallelReplicas
 # Key under which the sharded module passes each table's RuleConfig to the kernel,
 # inside TorchRec's per-table ``fused_params`` (see embeddingbag.py).
 ADAPTIVE_RULE_KEY = "torchrec_adaptive_rule"
-# Key of each table's KernelOptions (bounds_check, nonfinite) in the same fused params;
+# Key of each table's KernelOptions (bounds_check, nonfinite, backend, ...) in the same fused params;
 # in the sharder's own fused params, the defaults for tables whose kwargs do not set them.
 ADAPTIVE_OPTIONS_KEY = "torchrec_adaptive_options"
 
@@ -242,7 +242,7 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
         self._adaptive_kernel: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
             specs, rule_of(config), feature_table_map=feature_table_map,
             pooling=_pooling(pooling_type_to_pooling_mode(config.pooling, sharding_type)), device=device,
-            bounds_check=options.bounds_check, nonfinite=options.nonfinite,
+            **options.kernel_kwargs(),
         )
         if sharding_type == ShardingType.DATA_PARALLEL:
             self._adaptive_kernel.replicas = DataParallelReplicas(pg)

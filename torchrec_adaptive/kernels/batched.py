@@ -13,7 +13,14 @@ embedding bag over the pooled-output gradients (row r's gradient is the weighted
 sum of the gradients of the bags that contain r). After sorting the lookups by
 row, one ``embedding_bag`` call on the output gradient computes all of them, so
 no dense table gradient and no per-lookup ``[L, D]`` tensor is ever built.
-Everything is device-agnostic torch ops: the same code runs on CPU and CUDA.
+
+Who applies the update (``backend``, chosen per device at each step, see
+:class:`~torchrec_adaptive.kernels.inputs.KernelOptions`): the eager chain (the rule's
+transforms as torch ops, any device), the compiled CPU loops (``fused_cpu``, CPU) or the
+Triton kernels (``triton_rows``, the CUDA default), which sum each touched row's lookups
+in registers and update it in place. The triton path is also the one with no host sync:
+its layout has upper-bound sizes and its checks are device-side flags
+(:class:`~torchrec_adaptive.kernels.inputs.DeviceChecks`), read a step later.
 
 Non-finite gradients (``nonfinite``): a step whose output gradient has a NaN/Inf is
 refused inside backward by updating nothing (weights and row state untouched), while
@@ -51,9 +58,9 @@ from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
 from ..rules.slot_names import COUNT, LAST_STEP, rename_previous_buffers
 from ..rules.transforms import scale_by_row_frequency
-from . import fused_cpu
-from .fused_cpu import LookupGrad
-from .inputs import BOUNDS_CHECK_MODES, NONFINITE_MODES, check_bounds, check_input_tensors, nonfinite_features
+from . import fused_cpu, triton_rows
+from .fused_cpu import FusedChain, LookupGrad
+from .inputs import DeviceChecks, KernelOptions, check_bounds, check_input_tensors, nonfinite_features
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
 from .sharpness import CapturedRows, SavedRows, row_perturbation
@@ -69,7 +76,23 @@ class GroupLookups:
     indices: Tensor  # [L_g] int64, rows relative to the group's block
     offsets: Tensor  # [F_g * B + 1] int64
     bag_lengths: Tensor  # [F_g * B]
-    per_sample_weights: Tensor | None
+    per_sample_weights: Tensor | None  # with MEAN pooling only when ``invalid`` is set: then 1/len folded in
+    invalid: Tensor | None = None  # [L_g] bool: bad IDs and padding that train nothing (device checks only)
+
+    def compact(self) -> "GroupLookups":
+        """Without the lookups that train nothing, for the paths that sync anyway (Helen's
+        capture, data-parallel replicas): a boolean mask, so a host sync."""
+        if self.invalid is None:
+            return self
+        n, bags = self.indices.numel(), self.bag_lengths.numel()
+        lengths = torch.cat([self.bag_lengths, (n - self.offsets[-1]).reshape(1)])
+        bag = torch.repeat_interleave(torch.arange(bags + 1, device=self.indices.device), lengths, output_size=n)
+        keep = ~self.invalid
+        kept = torch.bincount(bag[keep], minlength=bags + 1)[:bags]
+        offsets = torch.zeros(bags + 1, dtype=torch.long, device=self.indices.device)
+        torch.cumsum(kept, 0, out=offsets[1:])
+        psw = self.per_sample_weights
+        return GroupLookups(self.indices[keep], offsets, kept, psw[keep] if psw is not None else None)
 
 
 @dataclass
@@ -97,7 +120,8 @@ class ReplicaSync(Protocol):
 
 
 def _batch_major(
-    rows: Tensor, offsets: Tensor, bag_lengths: Tensor, psw: Tensor | None, num_features: int, batch_size: int
+    rows: Tensor, offsets: Tensor, bag_lengths: Tensor, psw: Tensor | None, num_features: int, batch_size: int,
+    invalid: Tensor | None = None,
 ) -> GroupLookups:
     """Reorders KJT's feature-major bags (f, b) to batch-major (b, f).
 
@@ -111,7 +135,21 @@ def _batch_major(
     torch.cumsum(lengths, 0, out=new_offsets[1:])
     shift = torch.repeat_interleave(offsets[:-1][order] - offsets[0] - new_offsets[:-1], lengths, output_size=rows.numel())
     perm = shift + torch.arange(rows.numel(), device=rows.device)
-    return GroupLookups(rows[perm], new_offsets, lengths, psw[perm] if psw is not None else None)
+    return GroupLookups(rows[perm], new_offsets, lengths, psw[perm] if psw is not None else None,
+                        invalid[perm] if invalid is not None else None)
+
+
+@dataclass(frozen=True)
+class UpdatePath:
+    """How the kernel updates rows on one device: the backend that runs and its plan."""
+
+    backend: str  # "triton" | "cpu" | "eager"
+    plan: Any = None  # triton_rows.TritonChain | fused_cpu.FusedChain | None (eager)
+
+    @property
+    def device_checks(self) -> bool:
+        """Checks run on the device (no host sync) where the step itself has none."""
+        return self.backend == "triton"
 
 
 class _FusedLookup(torch.autograd.Function):
@@ -178,9 +216,13 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             ``"raise"`` a ``FloatingPointError`` once backward has finished, or ``"skip"``
             with a warning.
         weights_init: ``f(table, weight_view)``; TorchRec's default uniform init if None.
-        validate_offsets: check offsets are monotone and end at len(indices) (a host sync).
-        fused: on CPU, run known chains through the compiled loops of ``fused_cpu``
-            (same results as the eager chain, which ``fused=False`` forces).
+        validate_offsets: check offsets are monotone and end at len(indices) (a host sync
+            on the cpu/eager backends; on the device with triton).
+        backend: ``"triton"``, ``"cpu"``, ``"eager"`` or None (by the weights' device at each
+            step: cpu loops on CPU, triton elsewhere); see :class:`KernelOptions`. A chain the
+            backend cannot run uses the eager chain, with a warning naming the cost.
+        sync_check_interval: triton backend: read the device-side check flags every N steps.
+        fused: ``False`` forces the eager chain (the same as ``backend="eager"``).
     """
 
     def __init__(
@@ -196,14 +238,17 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         weights_init: Callable[[TableSpec, Tensor], None] | None = None,
         validate_offsets: bool = True,
         fused: bool = True,
+        backend: str | None = None,
+        sync_check_interval: int = 1,
     ) -> None:
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
-        if bounds_check not in BOUNDS_CHECK_MODES:
-            raise ValueError(f"bounds_check must be one of {BOUNDS_CHECK_MODES}, got {bounds_check!r}")
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if not fused and backend not in (None, "eager"):
+            raise ValueError(f"fused=False forces the eager chain; it contradicts backend={backend!r}")
+        self.options = KernelOptions(bounds_check=bounds_check, nonfinite=nonfinite,
+                                     backend=backend if fused else "eager",
+                                     sync_check_interval=sync_check_interval, validate_offsets=validate_offsets)
         if not isinstance(rule, RuleConfig):
             raise TypeError(f"rule must be a RuleConfig (e.g. AdamAR.rule_config(...)), got {type(rule).__name__}")
         self.layout = plan_layout(tables, feature_table_map)
@@ -241,6 +286,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         )
         kappa = torch.tensor([t.lr_multiplier * rule.lr_multiplier for t in lay.tables], dtype=torch.float32)
         self.register_buffer("_table_kappa", kappa.to(device), persistent=False)
+        self._kappa_host = kappa.tolist()  # the same float32 values, read without a device sync
         self._feature_cols: list[tuple[int, int]] = []
         col = 0
         for f in range(len(lay.feature_table_map)):
@@ -254,9 +300,58 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         self._refusals: list[str] = []
         self.captured: list[CapturedRows] = []
         self._perturbed: list[SavedRows] = []
-        self._fused = fused_cpu.fused_for(self.chain, device, self.weights.dtype) if fused else None
+        self._const_cache: dict[tuple[str, torch.device], Tensor] = {}
+        self._paths: dict[tuple[torch.device, torch.dtype], UpdatePath] = {}  # planned per device (.to() moves)
+        self._checks = DeviceChecks(lay, self._feature_cols, self.options.sync_check_interval)
         self._fal = next((t for t in self.chain.transforms if isinstance(t, scale_by_row_frequency)), None)
         self.replicas: ReplicaSync | None = None  # set for data-parallel replicas (see the module docstring)
+
+    # ------------------------------------------------------------ update path
+    def update_path(self) -> UpdatePath:
+        """The backend that updates rows on the weights' current device, planned on first
+        use per device and dtype (so a kernel moved by ``.to()`` re-plans)."""
+        key = (self.weights.device, self.weights.dtype)
+        path = self._paths.get(key)
+        if path is None:
+            path = self._paths[key] = self._plan_path(*key)
+        return path
+
+    def _plan_path(self, device: torch.device, dtype: torch.dtype) -> UpdatePath:
+        requested = self.options.backend
+        backend = requested or ("cpu" if device.type == "cpu" else "triton")
+        if backend == "eager":
+            return UpdatePath("eager")
+        why = None
+        if dtype != torch.float32:
+            why = f"its kernels update float32 weights, these are {dtype}"
+        elif FusedChain.plan(self.chain) is None:
+            why = f"the chain {[type(t).__name__ for t in self.chain.transforms]} has a transform it does not know"
+        elif backend == "cpu":
+            if device.type != "cpu":
+                why = f"it runs CPU tensors only, the weights are on {device}"
+            elif fused_cpu.extension() is None:
+                why = "its C++ extension is disabled or could not be built"
+                if requested is None:  # the default on CPU: fused_cpu already said why (or was told to)
+                    return UpdatePath("eager")
+        else:
+            why = triton_rows.unavailable_reason(device)
+        if why is None:
+            plan = fused_cpu.fused_for(self.chain, device, dtype) if backend == "cpu" else \
+                triton_rows.TritonChain.for_chain(self.chain)
+            return UpdatePath(backend, plan)
+        if requested is not None or device.type != "cpu":
+            tables = [t.name for t in self.layout.tables]
+            warnings.warn(
+                f"torchrec_adaptive: tables {tables}: the {backend!r} backend cannot run {self.rule.name} here ({why}); "
+                "using the eager chain: ~30 torch ops per dim group and step and, on a GPU, several host syncs per "
+                "step (unique, the checks); same results, slower", RuntimeWarning, stacklevel=4)
+        return UpdatePath("eager")
+
+    @property
+    def _fused(self) -> FusedChain | None:
+        """The compiled CPU loops' plan when they run the update on the current device."""
+        path = self.update_path()
+        return path.plan if path.backend == "cpu" else None
 
     # ------------------------------------------------------------------ views
     def _slot_buffer(self, name: str) -> Tensor:
@@ -385,30 +480,61 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         lay = self.layout
-        batch_size = check_input_tensors(lay, indices, offsets, per_sample_weights, self.validate_offsets)
+        on_device = self.update_path().device_checks
+        if on_device:
+            self._report_checks(self._checks.poll())  # earlier steps' flags, if their copy has landed
+        batch_size = check_input_tensors(lay, indices, offsets, per_sample_weights,
+                                         self.validate_offsets and not on_device)
         if per_sample_weights is not None and self.pooling != "sum":
             raise ValueError("per_sample_weights need pooling='sum' (as in torch.nn.EmbeddingBag)")
         num_features = len(lay.feature_table_map)
         indices, offsets = indices.long(), offsets.long()
+        step = self.optimizer_step + 1
+        if on_device and self.validate_offsets:
+            offsets = self._checks.offsets(offsets, indices.numel(), step)
         bag_lengths = offsets[1:] - offsets[:-1]
         feature_lengths = bag_lengths.view(num_features, batch_size).sum(dim=1)
-        feature_of_lookup = torch.repeat_interleave(torch.arange(num_features, device=indices.device), feature_lengths)
-        indices = check_bounds(lay, indices, feature_of_lookup, self._feature_rows, self.bounds_check)
+        feature_of_lookup = torch.repeat_interleave(torch.arange(num_features, device=indices.device), feature_lengths,
+                                                    output_size=indices.numel())
+        invalid = None
+        if on_device:
+            indices, invalid = self._checks.bounds(indices, feature_of_lookup, self._feature_rows, self.bounds_check, step)
+        else:
+            indices = check_bounds(lay, indices, feature_of_lookup, self._feature_rows, self.bounds_check)
         block_rows = indices + self._feature_row_offset[feature_of_lookup]
         psw = per_sample_weights.to(self.weights.dtype) if per_sample_weights is not None else None
+        multi = len(lay.groups) > 1
+        if invalid is not None or (on_device and multi):
+            # Lookups that train nothing (bad IDs, looked up clamped; a dim group's padding)
+            # weigh 0, so every lookup carries a weight and MEAN's 1/len is folded into it.
+            if psw is None:
+                psw = torch.ones(indices.numel(), dtype=self.weights.dtype, device=indices.device)
+            if invalid is not None:
+                psw = psw * (~invalid)
+            if self.pooling == "mean":
+                psw = psw / bag_lengths.clamp(min=1).to(psw.dtype).repeat_interleave(
+                    bag_lengths, output_size=indices.numel())
 
         lookups = []
         if len(lay.groups) == 1:
-            lookups.append(_batch_major(block_rows, offsets, bag_lengths, psw, num_features, batch_size))
+            lookups.append(_batch_major(block_rows, offsets, bag_lengths, psw, num_features, batch_size, invalid))
         else:
-            group_of_feature = torch.tensor(lay.feature_group, device=indices.device)
-            lookup_group = group_of_feature[feature_of_lookup]
+            lookup_group = self._device_const("feature_group", lay.feature_group, indices.device)[feature_of_lookup]
             for g, grp in enumerate(lay.groups):
-                mask = lookup_group == g
-                lengths = bag_lengths.view(num_features, batch_size)[list(grp.features)].reshape(-1)
+                features = self._device_const(f"features{g}", grp.features, indices.device)
+                lengths = bag_lengths.view(num_features, batch_size).index_select(0, features).reshape(-1)
                 offs = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=indices.device)
                 torch.cumsum(lengths, 0, out=offs[1:])
-                lookups.append(GroupLookups(block_rows[mask], offs, lengths, psw[mask] if psw is not None else None))
+                if on_device:  # no boolean mask (its size is data): all lookups, the group's first, the rest padding
+                    other = lookup_group != g
+                    perm = torch.argsort(other.to(torch.uint8), stable=True)
+                    pad = other[perm]
+                    lookups.append(GroupLookups(block_rows[perm], offs, lengths, psw[perm],  # type: ignore[index]
+                                                pad if invalid is None else pad | invalid[perm]))
+                    continue
+                mask = lookup_group == g
+                lookups.append(GroupLookups(block_rows[mask], offs, lengths, psw[mask] if psw is not None else None,
+                                            invalid[mask] if invalid is not None else None))
         return _FusedLookup.apply(self.weights, self, lookups, batch_size)
 
     def _pooled_forward(self, lookups: list[GroupLookups], batch_size: int) -> Tensor:
@@ -428,7 +554,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
 
     def _embedding_bag(self, weight: Tensor, lk: GroupLookups) -> Tensor:
         return F.embedding_bag(
-            lk.indices, weight, lk.offsets, mode=self.pooling,
+            lk.indices, weight, lk.offsets, mode="sum" if lk.invalid is not None else self.pooling,
             per_sample_weights=lk.per_sample_weights, include_last_offset=True,
         )
 
@@ -436,7 +562,8 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     @torch.no_grad()
     def _fused_backward(self, lookups: list[GroupLookups], batch_size: int, grad_output: Tensor) -> None:
         lay = self.layout
-        batches, bad = self._backward_batches(lookups, batch_size, grad_output)
+        path = self.update_path()
+        batches, bad, finite = self._backward_batches(lookups, batch_size, grad_output, path)
         self.restore_perturbation()  # a perturbation never outlives the backward it was made for
         if bad:
             self._refuse(bad)
@@ -458,16 +585,71 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         for g, batch in zip(lay.groups, batches):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
-            rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
-            w, state = self._group_views(g)
-            lr, table = self._row_learning_rates(g, rows)
-            if self._fused is not None:
-                upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate)
-                self._fused.update(fused_cpu.extension(), w, state, upd, grad, step, self.epoch)  # type: ignore[arg-type]
+            if path.backend == "triton":
+                self._triton_update(path.plan, g, batch, step, finite)
             else:
-                upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
-                update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
+                self._host_update(path.plan if path.backend == "cpu" else None, g, batch, step)
         self.optimizer_step = step
+        if path.device_checks:
+            self._checks.end_step(step)
+
+    def _host_update(self, plan: FusedChain | None, g: DimGroup, batch: GroupBatch, step: int) -> None:
+        """One dim group's update by the compiled CPU loops (``plan``) or the eager chain."""
+        rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
+        w, state = self._group_views(g)
+        lr, table = self._row_learning_rates(g, rows)
+        if plan is not None:
+            upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate)
+            plan.update(fused_cpu.extension(), w, state, upd, grad, step, self.epoch)  # type: ignore[arg-type]
+        else:
+            upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
+            update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
+
+    def _triton_update(self, plan: triton_rows.TritonChain, g: DimGroup, batch: GroupBatch, step: int,
+                       finite: Tensor | None) -> None:
+        """One dim group's update by the Triton kernels, with no host sync: the segment
+        layout has upper-bound sizes, bad IDs sort past the real rows, and ``finite`` (0
+        for a non-finite output gradient) masks the whole update on the device."""
+        lk = batch.lookups
+        n = lk.indices.numel()
+        bags = lk.bag_lengths.numel()
+        # one more bag holds a dim group's padding lookups (see forward), so the sizes add up to n
+        lengths = torch.cat([lk.bag_lengths, (n - lk.offsets[-1]).reshape(1)])
+        bag_of_lookup = torch.repeat_interleave(torch.arange(bags + 1, device=lk.indices.device), lengths,
+                                                output_size=n)
+        weight = lk.per_sample_weights
+        if weight is None and self.pooling == "mean":
+            weight = (1.0 / lk.bag_lengths.clamp(min=1).to(batch.bag_grads.dtype))[bag_of_lookup]
+        rows = lk.indices if lk.invalid is None else torch.where(lk.invalid, g.num_rows, lk.indices)
+        seg = triton_rows.segment_lookups(rows, bag_of_lookup, weight, sentinel=g.num_rows)
+        if finite is not None:
+            seg.n_valid.mul_(finite)
+        lr, table = self._row_learning_rates(g, seg.rows)
+        w, state = self._group_views(g)
+        plan.update(w, state, seg, batch.bag_grads, lr, table, self.learning_rate, step, self.epoch)
+
+    def check_device_flags(self) -> None:
+        """Wait for the device and raise (or warn) for every check failed on it so far
+        (triton backend; the others check on the host as they go). Training loops need
+        not call it: the flags are read every ``sync_check_interval`` steps anyway."""
+        self._report_checks(self._checks.check_now())
+
+    def _report_checks(self, found: list[tuple[str, str]]) -> None:
+        """Raise or warn for device-check failures, as the host checks would have."""
+        errors: list[tuple[type[Exception], str]] = []
+        for kind, msg in found:
+            if kind == "offsets":
+                errors.append((ValueError, msg))
+            elif kind == "bounds" and self.bounds_check == "warn":
+                warnings.warn(msg + "; clamped into range", RuntimeWarning, stacklevel=4)
+            elif kind == "bounds":
+                errors.append((IndexError, msg + "; those lookups trained nothing"))
+            elif self.nonfinite == "skip":
+                warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=4)
+            else:
+                errors.append((FloatingPointError, msg))
+        if errors:
+            raise errors[0][0]("; ".join(m for _, m in errors))
 
     def _refuse(self, bad: str) -> None:
         """Refuse this backward's update (see the module docstring): no row changes, k
@@ -494,23 +676,26 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         out, self._refusals = self._refusals, []
         return out
 
-    def _backward_batches(self, lookups: list[GroupLookups], batch_size: int,
-                          grad_output: Tensor) -> tuple[list[GroupBatch], str]:
-        """Each dim group's batch with its bags' output gradients, and what is non-finite
-        ("" if nothing). A data-parallel replica gets every replica's batch here, and
-        learns whether any replica's gradient is non-finite, so all of them apply (or
-        refuse) the same update."""
-        bad = nonfinite_features(self.layout, grad_output, self._feature_cols)
-        batches = [GroupBatch(lk, self._bag_grads(g, grad_output, batch_size))
+    def _backward_batches(self, lookups: list[GroupLookups], batch_size: int, grad_output: Tensor,
+                          path: UpdatePath) -> tuple[list[GroupBatch], str, Tensor | None]:
+        """Each dim group's batch with its bags' output gradients, what is non-finite
+        ("" if nothing), and -- checked on the device instead -- a 0-d tensor that is 0
+        when it is (None: checked on the host). A data-parallel replica gets every
+        replica's batch here, and learns whether any replica's gradient is non-finite,
+        so all of them apply (or refuse) the same update."""
+        batches = [GroupBatch(lk if self.replicas is None else lk.compact(), self._bag_grads(g, grad_output, batch_size))
                    for g, lk in zip(self.layout.groups, lookups)]
+        if path.device_checks and self.replicas is None and not self._capture_next:
+            return batches, "", self._checks.nonfinite(grad_output, self.optimizer_step + 1)
+        bad = nonfinite_features(self.layout, grad_output, self._feature_cols)
         if self.replicas is None:
-            return batches, ", ".join(bad)
+            return batches, ", ".join(bad), None
         batches, bad_replicas = self.replicas.gather(batches, bool(bad))
         others = [r for r in bad_replicas if r != self.replicas.index]
         tables = ", ".join(repr(n) for n in dict.fromkeys(t.table_name for t in self.layout.tables))
         what = ([", ".join(bad)] if bad else []) + (
             [f"data-parallel replica(s) {others} of table(s) {tables}"] if others else [])
-        return batches, " and ".join(what)
+        return batches, " and ".join(what), None
 
     # ------------------------------------------------------ Helen (sharpness)
     def capture_next_backward(self) -> None:
@@ -578,6 +763,7 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
     def _sorted_lookups(self, lk: GroupLookups, bag_grads: Tensor) -> tuple[Tensor, Tensor, LookupGrad]:
         """Unique rows, their occurrence counts, and their lookups grouped by row
         (see the module docstring: a row's gradient is a bag over output gradients)."""
+        lk = lk.compact()
         sorted_rows, perm = torch.sort(lk.indices)
         rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
         num_bags = lk.bag_lengths.numel()
@@ -602,9 +788,24 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
             or len({self.layout.tables[t].lr_multiplier for t in g.tables}) > 1
         )
         if not need_table:
-            kappa = float(self._table_kappa[g.tables[0]])
+            kappa = self._kappa_host[g.tables[0]]
             table = torch.full_like(rows, g.tables[0]) if (self._fal is not None and self._fal.tau_is_ratio) else None
             return torch.full((rows.numel(), 1), self.learning_rate * kappa, device=rows.device), table
-        starts = torch.tensor(g.table_row_starts, device=rows.device)
-        table = torch.tensor(g.tables, device=rows.device)[torch.searchsorted(starts, rows, right=True) - 1]
+        starts, tables = self._group_tables(g, rows.device)
+        table = tables[torch.searchsorted(starts, rows, right=True) - 1]
         return (self.learning_rate * self._table_kappa[table]).unsqueeze(1), table
+
+    def _device_const(self, name: str, values: Sequence[int], device: torch.device) -> Tensor:
+        """``values`` as an int64 tensor on ``device``, made once per device (a host-to-device
+        copy in every step would wait for the device)."""
+        key = (name, device)
+        hit = self._const_cache.get(key)
+        if hit is None:
+            hit = self._const_cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return hit
+
+    def _group_tables(self, g: DimGroup, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The group's table row starts and table indices on ``device``, made once (a
+        host-to-device copy in every step would wait for the device)."""
+        return (self._device_const(f"row_starts{g.row_start}", g.table_row_starts, device),
+                self._device_const(f"tables{g.row_start}", g.tables, device))

@@ -176,13 +176,23 @@ class AdaptiveRowOptimizer(torch.optim.Optimizer):
 
 
 def count_quantile(counts: Tensor, q: float) -> Tensor:
-    """The q-quantile of the nonzero counts (1.0 when no row was seen yet)."""
-    seen = counts[counts > 0]
-    if seen.numel() == 0:
+    """The q-quantile of the nonzero counts (1.0 when no row was seen yet), interpolated
+    linearly as ``torch.quantile`` does. Without a host sync (FAL re-estimates it inside a
+    GPU step): the counts are sorted, the nonzero ones are the last ``seen`` of them, and
+    the quantile's position among them is computed on the device (no boolean mask, whose
+    size is data, and no size limit, unlike ``torch.quantile``)."""
+    ordered = torch.sort(counts.reshape(-1).float()).values
+    if ordered.numel() == 0:
         return torch.ones((), dtype=counts.dtype, device=counts.device)
-    return torch.quantile(seen.float(), q) if seen.numel() <= 16_000_000 else seen.float().kthvalue(
-        max(1, int(q * seen.numel()))
-    ).values
+    seen = (ordered > 0).sum()
+    rank = (seen - 1).clamp(min=0).float() * q  # as torch.quantile: q * (n - 1), in float32
+    below = rank.long()
+    first = ordered.numel() - seen
+    lo = ordered.gather(0, (first + below).clamp(max=ordered.numel() - 1).reshape(1))
+    hi = ordered.gather(0, (first + torch.minimum(below + 1, (seen - 1).clamp(min=0))).clamp(
+        max=ordered.numel() - 1).reshape(1))
+    value = torch.lerp(lo, hi, (rank - below).reshape(1)).reshape(())
+    return torch.where(seen > 0, value, 1.0).to(counts.dtype)
 
 
 class RowWiseAdagrad(AdaptiveRowOptimizer):
