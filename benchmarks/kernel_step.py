@@ -4,24 +4,32 @@ fused kernels, in the same process, on the same batches.
     .venv/bin/python benchmarks/kernel_step.py                # the issue's shape: 26 x 100k x 64, B=4096
     .venv/bin/python benchmarks/kernel_step.py --quick        # a small shape, for a smoke run
     .venv/bin/python benchmarks/kernel_step.py --json out.json
+    TORCHREC_ADAPTIVE_CPU_ISA=avx2 .venv/bin/python benchmarks/kernel_step.py   # our AVX2 build, on an AVX-512 CPU
 
 Prints the median step time of each, its ratio to FBGEMM's fused
 EXACT_ROWWISE_ADAGRAD (the only fused adaptive optimizer FBGEMM runs on CPU;
 on CUDA also fused ADAM), and the memory-bandwidth floor: the bytes a step must
-touch divided by the bandwidth of a large tensor copy measured here.
+touch divided by the bandwidth of a large tensor copy measured here. The header
+records the machine (benchmarks/machine.py): CPU, threads, the instruction set of
+FBGEMM's kernels and of ours, and the load average at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import machine  # noqa: E402
 
 import torchrec_adaptive as tra
 from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
@@ -139,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per case per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shape = Shape(tables=4, rows=20_000, dim=32, batch=512) if args.quick else Shape()
     bw = copy_bandwidth(device)
@@ -155,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         ("ours AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3}, device), 12, 2),
         ("ours FAL+AdamAR", lambda: ours(shape, tra.AdamAR, {"lr": 0.01, "alpha": 1e-3, "fal_tau": 10.0}, device), 12, 2),
     ]
+    info = machine.describe()
+    print(machine.header(info))
     print(f"shape {asdict(shape)} device {device} threads {torch.get_num_threads()} copy bandwidth {bw / 1e9:.1f} GB/s")
     results = []
     for pooling in args.pooling:
@@ -175,9 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                             "floor_ms": floor * 1e3, "vs_floor": t / floor})
             print(f"pooling {pooling}  {name:30s} {t * 1e3:8.1f} ms   x{t / base:5.2f} of FBGEMM row-wise Adagrad   "
                   f"floor {floor * 1e3:6.1f} ms (x{t / floor:4.1f})", flush=True)
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end {load_end}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": asdict(shape), "device": str(device), "bandwidth_Bps": bw, "results": results}, f, indent=1)
+            json.dump({"machine": info, "load_end": load_end, "shape": asdict(shape), "device": str(device),
+                       "bandwidth_Bps": bw, "results": results}, f, indent=1)
     return 0
 
 

@@ -182,7 +182,7 @@ class FusedChain:
         ws = self.workspaces.setdefault(buffers, CoalesceWorkspace())
         psw = per_sample_weights.float().contiguous() if per_sample_weights is not None else _EMPTY
         rows, occ, row_offsets, bags, weight = self.ext.coalesce_lookups(
-            indices, offsets, psw, pooling == "mean", num_rows, ws.buffers)
+            indices.long().contiguous(), offsets.long().contiguous(), psw, pooling == "mean", num_rows, ws.buffers)
         grad = LookupGrad(row_offsets, bags, weight if weight.numel() else None, bag_grads.float().contiguous())
         return rows, occ, grad
 

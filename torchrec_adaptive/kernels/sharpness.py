@@ -6,6 +6,11 @@ gradients without updating, perturb those rows by
 eps_r = rho_r g_r / ||g_r||, rho_r = rho max(c_r / max_t c, xi), and put the exact
 original rows back before the next update. Restoring from a saved copy (not by
 subtracting eps) leaves no floating-point residue of eps.
+
+On CPU the fused loops do it without a [U, D] gradient: the capture keeps the
+row-sorted lookups and each row's norm (``fused_cpu.FusedChain.row_norms``), and one
+pass per row saves it into a reused buffer and adds scale_r g_r in place
+(``FusedChain.perturb``); the eager path (other devices) materializes g_r.
 """
 
 from __future__ import annotations
