@@ -29,6 +29,17 @@ def _cpu_isa():
     return mod
 
 
+def _variant_source(isa, variant: str) -> str:  # noqa: ANN001 - the cpu_isa module
+    """A one-line source per variant that includes the real one: the build names object
+    files after their source, so variants built from one file would overwrite each other."""
+    path = ROOT / "build" / "cpu_variants" / f"fused_rows_cpu_{variant}.cpp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f'#include "{isa.SOURCE.resolve()}"\n'
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return str(path.relative_to(ROOT))
+
+
 def _extensions() -> tuple[list, dict]:
     if os.environ.get("TORCHREC_ADAPTIVE_BUILD_CPU", "1") == "0":
         return [], {}
@@ -37,9 +48,8 @@ def _extensions() -> tuple[list, dict]:
     except ImportError:  # an isolated build without torch: compiled on first use instead
         return [], {}
     isa = _cpu_isa()
-    source = str(isa.SOURCE.relative_to(ROOT))
     exts = [
-        CppExtension(f"torchrec_adaptive.kernels.{isa.module_name(v)}", [source],
+        CppExtension(f"torchrec_adaptive.kernels.{isa.module_name(v)}", [_variant_source(isa, v)],
                      extra_compile_args=isa.cflags(v), extra_link_args=list(isa.LDFLAGS))
         for v in isa.buildable_variants()
     ]
@@ -50,7 +60,7 @@ def _extensions() -> tuple[list, dict]:
         def finalize_options(self) -> None:
             super().finalize_options()
             if not self.parallel:
-                self.parallel = len(exts)
+                self.parallel = min(len(exts), os.cpu_count() or 1)
 
         def build_extension(self, ext) -> None:  # noqa: ANN001 - setuptools' Extension
             try:

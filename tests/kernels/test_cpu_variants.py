@@ -118,3 +118,16 @@ def test_out_of_range_row_is_refused_by_the_grouping_pass():
     off = torch.tensor([0, 2])
     with pytest.raises(RuntimeError, match="row 50 of lookup 1 is outside the group's 50 rows"):
         k._fused.coalesce(torch.tensor([3, 50]), off, None, "sum", 50, torch.zeros(1, 4))
+
+
+def test_without_a_build_or_compiler_the_eager_chain_runs_with_a_warning(monkeypatch):
+    """Nothing built at install and no compiler: a warning that names the missing compiler
+    and the cost, then the eager chain (the kernel still trains)."""
+    monkeypatch.setattr(fused_cpu, "_modules", {})
+    monkeypatch.setattr(fused_cpu, "_prebuilt", lambda isa: None)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler \('/nonexistent/c\+\+'.*eager chain.*2-3x as long"):
+        k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.Adam.rule_config())
+    assert k._fused is None
+    k(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
+    assert k.optimizer_step == 1

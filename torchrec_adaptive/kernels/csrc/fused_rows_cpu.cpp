@@ -41,6 +41,10 @@ inline void prefetch_row(const float* base, int64_t off, int64_t D) {
   }
 }
 
+inline void prefetch_read(const float* p, int64_t D) {
+  for (int64_t j = 0; j < D; j += 16) __builtin_prefetch(p + j, 0);
+}
+
 // The gradient of touched row u, summed over its lookups: lookups [row_offsets[u],
 // row_offsets[u + 1]) of the row-sorted lookup list, each adding lookup_weight[i] *
 // bag_grads[bags[i]]. Summing here instead of in a separate op means the [U, D]
@@ -50,6 +54,13 @@ struct LookupGrad {
   const int32_t* bags;
   const float* weight;  // nullptr: every lookup weighs 1
   const float* bag_grads;
+
+  // The bag gradients row u will read (random rows of a [bags, D] matrix larger than the caches).
+  inline void prefetch(int64_t u, int64_t D) const {
+    for (int64_t i = row_offsets[u]; i < row_offsets[u + 1]; ++i) {
+      prefetch_read(bag_grads + static_cast<int64_t>(bags[i]) * D, D);
+    }
+  }
 
   inline void row(int64_t u, int64_t D, float* __restrict__ acc) const {
     const int64_t a = row_offsets[u], b = row_offsets[u + 1];
@@ -251,6 +262,7 @@ void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at
         prefetch_row(w, r[u + kPrefetchRows] * D, D);
         prefetch_row(m, r[u + kPrefetchRows] * D, D);
         prefetch_row(v, r[u + kPrefetchRows] * D, D);
+        lg.prefetch(u + kPrefetchRows, D);
       }
       const int64_t off = r[u] * D;
       float* __restrict__ wr = w + off;
@@ -297,6 +309,7 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchRows < end) {
         prefetch_row(w, r[u + kPrefetchRows] * D, D);
+        lg.prefetch(u + kPrefetchRows, D);
       }
       const int64_t row = r[u];
       float* __restrict__ wr = w + row * D;
