@@ -55,17 +55,20 @@ def _extensions() -> tuple[list, dict]:
     ]
 
     class TolerantBuild(BuildExtension):
-        """Builds the variants in parallel; one that fails is left to the first-use build."""
+        """A variant that fails to build is left to the first-use build. One at a time:
+        BuildExtension's ninja file is one per build directory, so parallel builds clash."""
 
-        def finalize_options(self) -> None:
-            super().finalize_options()
-            if not self.parallel:
-                self.parallel = min(len(exts), os.cpu_count() or 1)
+        def build_extensions(self) -> None:
+            self._failed: set[str] = set()
+            super().build_extensions()
+            # the install then copies only what was built
+            self.extensions = [e for e in self.extensions if e.name not in self._failed]
 
         def build_extension(self, ext) -> None:  # noqa: ANN001 - setuptools' Extension
             try:
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001 - a missing compiler must not fail the install
+                self._failed.add(ext.name)
                 print(f"torchrec_adaptive: not building {ext.name} now ({type(e).__name__}: {str(e)[:200]}); "
                       "it is compiled on first use instead", file=sys.stderr)
 
