@@ -21,22 +21,16 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import kernel_step as ks  # noqa: E402
 import machine  # noqa: E402
 
-
-@dataclass
-class Shape:
-    tables: int = 26
-    rows: int = 100_000
-    dim: int = 64
-    batch: int = 4096
-    zipf: float = 1.05
+Shape = ks.Shape  # the same tables and batches as kernel_step.py
 
 
 def _optimizers() -> dict[str, tuple[type, dict]]:
@@ -78,18 +72,12 @@ def build(shape: Shape, cls: type, kwargs: dict) -> torch.nn.Module:
 
 
 def batches(shape: Shape, count: int):
+    """kernel_step's batches (pooling 1) as KeyedJaggedTensors: its IDs are feature-major, as KJT values."""
     from torchrec import KeyedJaggedTensor
 
-    g = torch.Generator().manual_seed(0)
-    p = 1.0 / torch.arange(1, shape.rows + 1, dtype=torch.float64) ** shape.zipf
-    perms = [torch.randperm(shape.rows, generator=g) for _ in range(shape.tables)]
-    out = []
-    for _ in range(count):
-        ids = torch.cat([perms[t][torch.multinomial(p, shape.batch, replacement=True, generator=g)]
-                         for t in range(shape.tables)])
-        out.append(KeyedJaggedTensor(keys=[f"f{t}" for t in range(shape.tables)], values=ids,
-                                     lengths=torch.ones(shape.tables * shape.batch, dtype=torch.int64)))
-    return out
+    return [KeyedJaggedTensor(keys=[f"f{t}" for t in range(shape.tables)], values=idx,
+                              lengths=torch.ones(shape.tables * shape.batch, dtype=torch.int64))
+            for idx, _ in ks.make_batches(shape, 1, count, torch.device("cpu"))]
 
 
 def kernels_of(model: torch.nn.Module) -> list[str]:
