@@ -10,6 +10,7 @@ import torch
 import torchrec_adaptive as tra
 from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
 from torchrec_adaptive.kernels import cpu_isa, fused_cpu
+from torchrec_adaptive.kernels.batched import GroupLookups
 
 _NAMES = list(cpu_isa.VARIANTS)
 RUNNABLE = [v for v in _NAMES[: _NAMES.index(cpu_isa.detected()) + 1] if v in cpu_isa.buildable_variants()]
@@ -38,8 +39,9 @@ def test_a_variant_this_cpu_cannot_run_is_refused(monkeypatch, aten, env, match)
     monkeypatch.setenv(cpu_isa.ENV, env)
     with pytest.raises(ValueError, match=match):
         cpu_isa.selected()
-    with pytest.raises(ValueError, match=match):  # a kernel is refused at construction, naming the variable
-        BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.Adam.rule_config())
+    with pytest.raises(ValueError, match=match):  # a kernel is refused when it plans its update, naming the variable
+        k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.Adam.rule_config())
+        k(torch.tensor([1, 2]), torch.tensor([0, 2]))
 
 
 def test_each_variant_has_its_own_build():
@@ -100,7 +102,7 @@ def test_one_pass_grouping_equals_sort_and_unique(pooling, weighted):
         idx[: idx.numel() // 2] %= 17  # duplicates
         psw = torch.rand(idx.numel(), generator=g) if weighted else None
         bag_grads = torch.randn(bags, 4, generator=g)
-        lk = type("L", (), {"indices": idx, "bag_lengths": lengths, "per_sample_weights": psw})()
+        lk = GroupLookups(idx, off, lengths, psw)
         rows, occ, grad = k._fused.coalesce(idx, off, psw, pooling, 5000, bag_grads)
         e_rows, e_occ, e_grad = k._sorted_lookups(lk, bag_grads)
         assert torch.equal(rows, e_rows) and torch.equal(occ, e_occ)
@@ -128,6 +130,6 @@ def test_without_a_build_or_compiler_the_eager_chain_runs_with_a_warning(monkeyp
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler \('/nonexistent/c\+\+'.*eager chain.*2-3x as long"):
         k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.Adam.rule_config())
-    assert k._fused is None
-    k(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
+        k(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
+        assert k._fused is None
     assert k.optimizer_step == 1
