@@ -80,6 +80,9 @@ def main(argv: List[str] | None = None) -> int:
     # each rank's rate covers the same barrier-to-barrier interval: they agree; take rank 0's
     med = {n: statistics.median(reports[0][n]) for n in names}
     stock = med[names[0]]
+    import machine  # benchmarks/machine.py
+
+    print(machine.header(machine.describe()))
     print(f"\nDLRM app, configs/synthetic, 2 gloo ranks, {args.steps} steps x {args.rounds} rounds (median)")
     print("| case | samples/s per rank | ratio to stock | per round |")
     print("| --- | --- | --- | --- |")

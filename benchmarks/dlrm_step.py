@@ -181,6 +181,9 @@ def main(argv: List[str] | None = None) -> int:
     # A step ends for both ranks at the closing barrier: take the slower rank per round.
     per_case = [[max(reports[r][0][i][k] for r in range(WORLD)) for k in range(args.rounds)] for i in range(len(CASES))]
     global_batch = WORLD * shape.batch_per_rank
+    import machine  # benchmarks/machine.py
+
+    print(machine.header(machine.describe()) + f" (the {WORLD} workers: 1 torch thread each)")
     print(f"shape {asdict(shape)}, {WORLD} gloo ranks x 1 thread, table_wise, worker env {reports[0][1]}")
     for name, kinds in zip(CASES, reports[0][2]):
         print(f"  {name}: rank 0 runs {kinds}")

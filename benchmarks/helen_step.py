@@ -19,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import kernel_step as ks  # noqa: E402
+import machine  # noqa: E402
 
 import torchrec_adaptive as tra  # noqa: E402
 from torchrec_adaptive.helen import Helen  # noqa: E402
@@ -39,7 +40,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4)
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = ks.Shape(tables=4, rows=20_000, dim=32, batch=512) if args.quick else ks.Shape()
     batches = ks.make_batches(shape, 1, 4, torch.device("cpu"))
     y = torch.rand(shape.batch, generator=torch.Generator().manual_seed(0))
@@ -64,6 +68,7 @@ def main() -> int:
             for i in range(args.iters):
                 fn(i + 1)
             times[name].append((time.perf_counter() - t0) / args.iters)
+    print(machine.header(machine.describe()))
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:22s} {v * 1e3:8.1f} ms")

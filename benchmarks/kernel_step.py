@@ -6,26 +6,34 @@ fused kernels, in the same process, on the same batches.
     .venv/bin/python benchmarks/kernel_step.py --json out.json
     .venv/bin/python benchmarks/kernel_step.py --device cuda  # on a GPU: also FBGEMM's fused ADAM; HBM floor
     .venv/bin/python benchmarks/kernel_step.py --floor-only --bandwidth-gbps 3350 4800  # on paper (H100, H200)
+    TORCHREC_ADAPTIVE_CPU_ISA=avx2 .venv/bin/python benchmarks/kernel_step.py   # our AVX2 build, on an AVX-512 CPU
 
 Prints the median step time of each, its ratio to FBGEMM's fused
 EXACT_ROWWISE_ADAGRAD (the only fused adaptive optimizer FBGEMM runs on CPU;
 on CUDA also to fused ADAM, the stock twin of our Adam/AdamAR), and the
 memory-bandwidth floor: the bytes a step must touch divided by the bandwidth of a
 large tensor copy measured on the device (on a GPU: its HBM). ``--floor-only`` times
-nothing: it prints each case's bytes per step and the floor at the given bandwidths.
+nothing: it prints each case's bytes per step and the floor at the given bandwidths. The header
+records the machine (benchmarks/machine.py): CPU, threads, the instruction set of
+FBGEMM's kernels and of ours, and the load average at the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import machine  # noqa: E402
 
 import torchrec_adaptive as tra
 from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
@@ -181,8 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-only", action="store_true", help="time nothing: bytes per step and the floors")
     ap.add_argument("--bandwidth-gbps", type=float, nargs="+", default=[3350.0, 4800.0],
                     help="with --floor-only: bandwidths for the floor (default: H100 SXM and H200 HBM3/3e)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device cuda: torch.cuda.is_available() is False (torch {torch.__version__})")
     device = torch.device(args.device)
@@ -194,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         ("fbgemm EXACT_ROWWISE_ADAGRAD", lambda: fbgemm_module(shape, "EXACT_ROWWISE_ADAGRAD", device), 4, 0),
     ]
     cases += [c for c in measured_cases(shape, device) if device.type == "cuda" or c[0] != FBGEMM_ADAM]
+    info = machine.describe()
+    print(machine.header(info))
     print(f"shape {asdict(shape)} device {device} threads {torch.get_num_threads()} copy bandwidth {bw / 1e9:.1f} GB/s")
     results = []
     for pooling in args.pooling:
@@ -218,9 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             vs_adam = f"  x{t / adam:5.2f} of FBGEMM Adam" if adam else ""
             print(f"pooling {pooling}  {name:30s} {t * 1e3:8.1f} ms   x{t / base:5.2f} of FBGEMM row-wise Adagrad"
                   f"{vs_adam}   floor {floor * 1e3:6.1f} ms (x{t / floor:4.1f})", flush=True)
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end {load_end}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": asdict(shape), "device": str(device), "bandwidth_Bps": bw, "results": results}, f, indent=1)
+            json.dump({"machine": info, "load_end": load_end, "shape": asdict(shape), "device": str(device),
+                       "bandwidth_Bps": bw, "results": results}, f, indent=1)
     return 0
 
 

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
-stamp=$(cat requirements/*.txt pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+stamp=$(cat requirements/*.txt pyproject.toml setup.py scripts/bootstrap.sh | sha256sum | cut -c1-16)
 if [ -f .venv/.bootstrapped ] && [ "$(cat .venv/.bootstrapped)" = "$stamp" ]; then
   exit 0
 fi
@@ -28,6 +28,9 @@ else
 fi
 "${pip[@]}" --no-deps torchrec==1.8.0
 "${pip[@]}" -r requirements/base.txt
+# --no-build-isolation: setup.py sees this torch and compiles the fused CPU loops now, one
+# build per instruction set (torchrec_adaptive/kernels/cpu_isa.py); without a compiler the
+# install still succeeds and the loops are compiled on first use.
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
 .venv/bin/python -c "import torch, fbgemm_gpu, torchrec, torchrec_adaptive; print('bootstrap: torch', torch.__version__, '| torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')" >&2

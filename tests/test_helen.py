@@ -19,11 +19,12 @@ ROWS, DIMS, FTM, B = [200, 80], [8, 4], [0, 1, 0], 16
 
 
 class Model(nn.Module):
-    def __init__(self, rule):
+    def __init__(self, rule, fused=True):
         super().__init__()
         torch.manual_seed(0)
         self.emb = BatchedAdaptiveEmbeddingBag([TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))],
-                                               rule, feature_table_map=FTM)
+                                               rule, feature_table_map=FTM, fused=fused)
+        assert (self.emb._fused is not None) == fused, "the Helen path under test was not the one used"
         self.head = nn.Linear(sum(DIMS[t] for t in FTM), 1)
 
     def forward(self, batch):
@@ -39,9 +40,10 @@ def loss_of(pred, y):
     return ((torch.sigmoid(pred) - y) ** 2).mean()
 
 
-def test_helen_matches_dense_reference():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-loops", "eager-chain"])
+def test_helen_matches_dense_reference(fused):
     rho, xi, lr = 0.05, 0.2, 0.01
-    model = Model(tra.AdamAR.rule_config(lr=lr, alpha=0.01))
+    model = Model(tra.AdamAR.rule_config(lr=lr, alpha=0.01), fused)
     head = copy.deepcopy(model.head)
     tables = [DenseRule(w.clone(), lr=lr, alpha=0.01) for w in model.emb.split_embedding_weights()]
     counts = [torch.zeros(n) for n in ROWS]
@@ -105,8 +107,9 @@ def test_rho_zero_equals_the_base_optimizer_exactly():
     assert a.emb.optimizer_step == b.emb.optimizer_step == 8
 
 
-def test_perturb_then_restore_leaves_no_residue():
-    m = Model(tra.Adam.rule_config(lr=0.01))
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-loops", "eager-chain"])
+def test_perturb_then_restore_leaves_no_residue(fused):
+    m = Model(tra.Adam.rule_config(lr=0.01), fused)
     batch, y = data(1)[0]
     before = m.emb.weights.detach().clone()
     state = {n: b.clone() for n, b in m.emb.named_buffers()}

@@ -11,6 +11,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice
 
 import torchrec_adaptive as tra
 from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive.kernels import cpu_isa
 
 from ..batches import zipf_batch
 from ..reference import DenseRule, almost, relative, dense_forward, occurrences, rowwise_adagrad_dense
@@ -28,14 +29,21 @@ B = 64
 FTM_FBGEMM = [0, 1, 2, 3]
 
 
-_PATH = {"fused": True}
+_PATH: dict = {"fused": True, "isa": None}
+# The AVX2 build of the loops too, where this CPU runs a higher one (AVX-512): every
+# test once more through it. The default (SSE2) build is checked against the eager chain
+# in test_cpu_variants.py, to keep the suite short.
+_LOWER = ["fused-cpu-loops-avx2"] if cpu_isa.detected() == "avx512" else []
 
 
-@pytest.fixture(autouse=True, params=["fused-cpu-loops", "eager-chain"])
-def update_path(request):
-    """Every parity test runs twice: through the compiled CPU loops and through the
-    eager chain (the device-agnostic path CUDA uses)."""
-    _PATH["fused"] = request.param == "fused-cpu-loops"
+@pytest.fixture(autouse=True, params=["fused-cpu-loops", "eager-chain", *_LOWER])
+def update_path(request, monkeypatch):
+    """Every parity test runs through the compiled CPU loops (the build for this CPU,
+    and the AVX2 one on an AVX-512 CPU) and through the eager chain (the
+    device-agnostic path CUDA uses)."""
+    _PATH["fused"] = request.param.startswith("fused-cpu-loops")
+    _PATH["isa"] = request.param.removeprefix("fused-cpu-loops-") if request.param in _LOWER else cpu_isa.detected()
+    monkeypatch.setenv(cpu_isa.ENV, _PATH["isa"])
     yield
 
 
@@ -45,6 +53,7 @@ def make_kernel(rule, pooling="sum", seed=0, ftm=FTM, kappas=None, **kw) -> Batc
     specs = [TableSpec(f"t{i}", n, d, lr_multiplier=kap) for i, (n, d, kap) in enumerate(zip(ROWS, DIMS, kappas))]
     k = BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=ftm, pooling=pooling, fused=_PATH["fused"], **kw)
     assert (k._fused is not None) == _PATH["fused"], "the update path under test was not the one used"
+    assert k._fused is None or k._fused.isa == _PATH["isa"], "the CPU build under test was not the one used"
     return k
 
 

@@ -63,7 +63,7 @@ from .fused_cpu import FusedChain, LookupGrad
 from .inputs import DeviceChecks, KernelOptions, check_bounds, check_input_tensors, nonfinite_features
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
-from .sharpness import CapturedRows, SavedRows, row_perturbation
+from .sharpness import CapturedRows, SavedRows, row_scale
 
 POOLING_MODES = ("sum", "mean")
 _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
@@ -595,15 +595,19 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
 
     def _host_update(self, plan: FusedChain | None, g: DimGroup, batch: GroupBatch, step: int) -> None:
         """One dim group's update by the compiled CPU loops (``plan``) or the eager chain."""
-        rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
         w, state = self._group_views(g)
+        if plan is not None:  # CPU: lookups grouped by row in C++, then the fused loops
+            lk = batch.lookups.compact()
+            rows, occurrences, grad = plan.coalesce(
+                lk.indices, lk.offsets, lk.per_sample_weights, self.pooling, g.num_rows, batch.bag_grads)
+            lr, table = self._row_learning_rates(g, rows)
+            plan.update(w, state, RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate), grad, step,
+                        self.epoch)
+            return
+        rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
         lr, table = self._row_learning_rates(g, rows)
-        if plan is not None:
-            upd = RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate)
-            plan.update(fused_cpu.extension(), w, state, upd, grad, step, self.epoch)  # type: ignore[arg-type]
-        else:
-            upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
-            update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
+        upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
+        update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
 
     def _triton_update(self, plan: triton_rows.TritonChain, g: DimGroup, batch: GroupBatch, step: int,
                        finite: Tensor | None) -> None:
@@ -711,11 +715,19 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
         for gi, (g, batch) in enumerate(zip(self.layout.groups, batches)):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
-            rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
+            lk = batch.lookups.compact()
+            if self._fused is not None:  # CPU: no [U, D] gradient is stored, only its lookups and norms
+                rows, occurrences, grad = self._fused.coalesce(
+                    lk.indices, lk.offsets, lk.per_sample_weights, self.pooling, g.num_rows, batch.bag_grads, f"capture/{gi}")
+                dense, norm = None, self._fused.row_norms(rows, grad)
+            else:
+                rows, occurrences, grad = self._sorted_lookups(lk, batch.bag_grads)
+                dense = grad.materialize()
+                norm = dense.norm(dim=1)
             starts = torch.tensor(g.table_row_starts, device=rows.device)
             table = torch.tensor(g.tables, device=rows.device)[torch.searchsorted(starts, rows, right=True) - 1]
             c = counts[g.row_start : g.row_start + g.num_rows][rows] + occurrences
-            self.captured.append(CapturedRows(gi, rows, c, table, grad.materialize()))
+            self.captured.append(CapturedRows(gi, rows, c, table, norm, grad, dense))
 
     def local_max_counts(self) -> dict[str, float]:
         """max c_r per table on this rank, counting the captured batch (for rho_r)."""
@@ -738,9 +750,13 @@ class BatchedAdaptiveEmbeddingBag(nn.Module):
                             device=self.weights.device)
         for cap in self.captured:
             w, _ = self._group_views(self.layout.groups[cap.group])
-            eps = row_perturbation(cap, rho, xi, peak)
+            scale = row_scale(cap, rho, xi, peak)
+            if cap.dense is None:  # fused CPU capture: perturb in place, saving the rows in one pass
+                assert self._fused is not None
+                self._perturbed.append(SavedRows(w, cap.rows, self._fused.perturb(w, cap.rows, cap.grad, scale, cap.group)))
+                continue
             self._perturbed.append(SavedRows(w, cap.rows, w.index_select(0, cap.rows)))
-            w.index_add_(0, cap.rows, eps.to(w.dtype))
+            w.index_add_(0, cap.rows, (cap.dense * scale.unsqueeze(1)).to(w.dtype))
         self.captured = []
 
     @torch.no_grad()

@@ -6,21 +6,27 @@ run eagerly on [U] vectors), any row decays (folded into one per-row ``keep``
 factor), then Adam or row-wise Adagrad (+ coupled L2) and the final update, which
 one C++ loop applies in place on the full buffers: each touched row of the
 weights and of its state is read and written once, with no gather or scatter.
+The lookups are grouped by row in C++ too (one radix pass, into reused buffers).
 
-The extension is compiled on first use with ``torch.utils.cpp_extension`` (about
-a minute, cached under ``TORCH_EXTENSIONS_DIR``). If that fails (no compiler),
-the kernel warns once and uses the eager chain, which computes the same update.
-Set ``TORCHREC_ADAPTIVE_FUSED_CPU=0`` to force the eager chain.
+Which build runs: one per instruction set (``cpu_isa.py``), the one matching ATen's
+CPU capability unless ``TORCHREC_ADAPTIVE_CPU_ISA`` asks for a lower one. Where it
+comes from, first that works: the modules ``setup.py`` compiled at install
+(``pip install --no-build-isolation -e .``, as ``scripts/bootstrap.sh`` does), if built
+from the current source; else a build on first use with ``torch.utils.cpp_extension``
+(about a minute, cached under ``TORCH_EXTENSIONS_DIR`` with the instruction set in
+its name); else (no compiler, failed build) the eager chain, with a warning: same
+results, a slower step. ``TORCHREC_ADAPTIVE_FUSED_CPU=0`` forces the eager chain.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import shutil
 import threading
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -40,39 +46,59 @@ from ..rules.transforms import (
     scale_by_rowwise_adagrad,
     track_row_history,
 )
+from . import cpu_isa
 
-_SOURCE = Path(__file__).parent / "csrc" / "fused_rows_cpu.cpp"
 _lock = threading.Lock()
-_extension: ModuleType | None = None
-_failed: str | None = None
+_modules: dict[str, ModuleType | None] = {}
+_EAGER_COST = ("using the eager chain instead: the same results, but each CPU training step takes "
+               "about 2-3x as long (docs/performance.md)")
 
 
-def extension() -> ModuleType | None:
-    """The compiled extension, built on first call; None if disabled or unbuildable."""
-    global _extension, _failed
+def extension(isa: str | None = None) -> ModuleType | None:
+    """The fused loops built for ``isa`` (default: ``cpu_isa.selected()``); None if
+    disabled or unbuildable (then warned once). Raises ``ValueError`` for a
+    ``TORCHREC_ADAPTIVE_CPU_ISA`` this CPU cannot run."""
     if os.environ.get("TORCHREC_ADAPTIVE_FUSED_CPU", "1") == "0":
         return None
+    isa = isa or cpu_isa.selected()
     with _lock:
-        if _extension is None and _failed is None:
-            try:
-                from torch.utils.cpp_extension import load
+        if isa not in _modules:
+            _modules[isa] = _prebuilt(isa) or _jit(isa)
+    return _modules[isa]
 
-                _extension = load(
-                    name="torchrec_adaptive_fused_rows_cpu",
-                    sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
-            except Exception as e:  # noqa: BLE001 - any build failure means "use the eager chain"
-                _failed = f"{type(e).__name__}: {e}"
-                warnings.warn(
-                    f"torchrec_adaptive: the fused CPU update could not be built ({_failed[:300]}); "
-                    "using the eager chain (same results, slower)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _extension
+
+def _prebuilt(isa: str) -> ModuleType | None:
+    """The module compiled at install time, unless the source changed since."""
+    try:
+        mod = importlib.import_module(f"{__package__}.{cpu_isa.module_name(isa)}")
+    except ImportError:
+        return None
+    return mod if getattr(mod, "source_hash", None) == cpu_isa.source_hash() else None
+
+
+def _jit(isa: str) -> ModuleType | None:
+    """Compile on first use (the fallback when nothing was built at install)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        warnings.warn(
+            f"torchrec_adaptive: the fused CPU loops were not built at install and no C++ compiler ({cxx!r}, "
+            f"from $CXX) is here to build them now; {_EAGER_COST}. Install a compiler (e.g. g++) and "
+            "reinstall with `pip install --no-build-isolation -e .`, or let the first run build them.",
+            RuntimeWarning, stacklevel=4,
+        )
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name=f"torchrec_adaptive{cpu_isa.module_name(isa)}", sources=[str(cpu_isa.SOURCE)],
+                    extra_cflags=cpu_isa.cflags(isa), extra_ldflags=list(cpu_isa.LDFLAGS), verbose=False)
+    except Exception as e:  # noqa: BLE001 - any build failure means "use the eager chain"
+        warnings.warn(
+            f"torchrec_adaptive: the fused CPU loops ({isa}) could not be built "
+            f"({type(e).__name__}: {str(e)[:300]}); {_EAGER_COST}",
+            RuntimeWarning, stacklevel=4,
+        )
+        return None
 
 
 @dataclass(frozen=True)
@@ -83,29 +109,45 @@ class LookupGrad:
     coalesced [U, D] gradient is never materialized."""
 
     row_offsets: Tensor  # [U + 1] int64
-    bags: Tensor  # [L] int64
+    bags: Tensor  # [L] int64 (eager) or int32 (from the C++ pass)
     weight: Tensor | None  # [L] float32, None: 1
     bag_grads: Tensor  # [bags, D] float32, contiguous
 
     def materialize(self) -> Tensor:
         """The summed [U, D] gradient (what the eager chain consumes)."""
         return torch.nn.functional.embedding_bag(
-            self.bags, self.bag_grads, self.row_offsets, mode="sum",
+            self.bags, self.bag_grads, self.row_offsets.to(self.bags.dtype), mode="sum",
             per_sample_weights=self.weight, include_last_offset=True,
         )
 
 
+class CoalesceWorkspace:
+    """The buffers ``coalesce_lookups`` fills, reused from step to step (grown in C++):
+    a fresh multi-MB tensor per step costs page faults on CPU (docs/performance.md).
+    What one call returns are views into them, valid until the next call."""
+
+    _DTYPES = (torch.int64, torch.int64, torch.int32, torch.int32, torch.int32, torch.float32, torch.int32,
+               torch.float32)
+
+    def __init__(self) -> None:
+        self.buffers = [torch.empty(0, dtype=d) for d in self._DTYPES]
+
+
 @dataclass(frozen=True)
 class FusedChain:
-    """A chain split into its eager per-row part and its fused [U, D] part."""
+    """A chain split into its eager per-row part and its fused [U, D] part, with the
+    compiled loops (``ext``) that run it and their reused buffers."""
 
     row_transforms: tuple[RowTransform, ...]
     keep_transforms: tuple[Any, ...]
     base: scale_by_row_adam | scale_by_rowwise_adagrad  # row-wise RMSprop included (a subclass)
     l2: add_l2_to_row_grad | None
+    ext: Any = None
+    workspaces: dict[str, CoalesceWorkspace] = field(default_factory=dict, compare=False, repr=False)
+    saved: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)  # Helen's original rows
 
     @staticmethod
-    def plan(chain: RowChain) -> FusedChain | None:
+    def plan(chain: RowChain, ext: ModuleType | None = None) -> FusedChain | None:
         """The fused form of ``chain``, or None when it has a transform the loops don't know."""
         ts = chain.transforms
         if len(ts) < 2 or not isinstance(ts[-1], apply_row_update):
@@ -125,11 +167,28 @@ class FusedChain:
                 l2 = t
             else:
                 return None
-        return FusedChain(tuple(rows), tuple(keeps), base, l2)
+        return FusedChain(tuple(rows), tuple(keeps), base, l2, ext)
+
+    @property
+    def isa(self) -> str:
+        """The instruction-set variant of the loops in use (``cpu_isa.VARIANTS``)."""
+        return str(self.ext.isa)
+
+    def coalesce(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, pooling: str,
+                 num_rows: int, bag_grads: Tensor, buffers: str = "update") -> tuple[Tensor, Tensor, LookupGrad]:
+        """One dim group's lookups grouped by row, in one C++ pass (what
+        ``BatchedAdaptiveEmbeddingBag._sorted_lookups`` computes with torch ops):
+        unique rows [U], their occurrence counts [U] (float32) and their lookups.
+        The results live in the ``buffers`` workspace until its next use."""
+        ws = self.workspaces.setdefault(buffers, CoalesceWorkspace())
+        psw = per_sample_weights.float().contiguous() if per_sample_weights is not None else _EMPTY
+        rows, occ, row_offsets, bags, weight = self.ext.coalesce_lookups(
+            indices.long().contiguous(), offsets.long().contiguous(), psw, pooling == "mean", num_rows, ws.buffers)
+        grad = LookupGrad(row_offsets, bags, weight if weight.numel() else None, bag_grads.float().contiguous())
+        return rows, occ, grad
 
     def update(
-        self, ext: ModuleType, weight: Tensor, state: dict[str, Tensor], upd: RowUpdate, grad: LookupGrad,
-        step: int, epoch: int,
+        self, weight: Tensor, state: dict[str, Tensor], upd: RowUpdate, grad: LookupGrad, step: int, epoch: int,
     ) -> None:
         """Same effect as ``rules.apply.update_rows`` with the full chain (tested).
 
@@ -137,6 +196,7 @@ class FusedChain:
         """
         if upd.rows.numel() == 0:
             return
+        ext = self.ext
         rows = upd.rows
         batch = RowBatch(rows=rows, weight=weight, grad=upd.grad, lr=upd.lr, occurrences=upd.occurrences,
                          step=step, epoch=epoch, table=upd.table, base_lr=upd.base_lr)
@@ -149,11 +209,10 @@ class FusedChain:
             k = t.row_keep(batch)
             if k is not None:
                 keep = k if keep is None else keep * k
-        keep_arg = keep.float().contiguous() if keep is not None else torch.empty(0)
+        keep_arg = keep.float().contiguous() if keep is not None else _EMPTY
         lr = batch.lr.reshape(-1).float()
-        lookups = (rows, grad.row_offsets, grad.bags,
-                   grad.weight.float().contiguous() if grad.weight is not None else torch.empty(0),
-                   grad.bag_grads.float().contiguous())
+        lookups = (rows, grad.row_offsets, grad.bags, grad.weight if grad.weight is not None else _EMPTY,
+                   grad.bag_grads)
         if isinstance(self.base, scale_by_row_adam):
             b = self.base
             ext.adam_rows_(weight, state[FIRST_MOMENT], state[SECOND_MOMENT], *lookups, lr, keep_arg,
@@ -164,12 +223,35 @@ class FusedChain:
             ext.rowwise_adagrad_rows_(weight, state[ACCUMULATOR], *lookups, lr, keep_arg, self.base.eps, l2,
                                       *self.base.accumulation())
 
+    def row_norms(self, rows: Tensor, grad: LookupGrad) -> Tensor:
+        """||g_r|| [U] of each row (Helen's capture), without writing the [U, D] gradient."""
+        return self.ext.row_grad_norms(rows, grad.row_offsets, grad.bags,
+                                       grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads)
+
+    def perturb(self, weight: Tensor, rows: Tensor, grad: LookupGrad, scale: Tensor, group: int) -> Tensor:
+        """w_r += scale_r g_r in place (Helen); returns the rows' original values, held in a
+        buffer reused at the group's next perturbation (restored before it)."""
+        n = rows.numel() * weight.shape[1]
+        if self.saved.get(group, _EMPTY).numel() < n:
+            self.saved[group] = torch.empty(n + n // 4)
+        values = self.saved[group][:n].view(rows.numel(), weight.shape[1])
+        self.ext.perturb_rows_(weight, rows, grad.row_offsets, grad.bags,
+                               grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads,
+                               scale.float().contiguous(), values)
+        return values
+
+
+_EMPTY = torch.empty(0)
+
 
 def fused_for(chain: RowChain, device: torch.device, dtype: torch.dtype) -> FusedChain | None:
-    """The fused form to use for a kernel on ``device``, or None for the eager chain."""
+    """The fused form to use for a kernel on ``device``, or None for the eager chain.
+
+    Raises ``ValueError`` if ``TORCHREC_ADAPTIVE_CPU_ISA`` names a variant this CPU cannot run."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
     plan = FusedChain.plan(chain)
-    if plan is None or extension() is None:
+    if plan is None:
         return None
-    return plan
+    ext = extension()
+    return FusedChain.plan(chain, ext) if ext is not None else None

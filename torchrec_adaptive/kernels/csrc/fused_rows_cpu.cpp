@@ -8,10 +8,28 @@
 // after FAL, decay multipliers) are computed by the eager transforms on [U] vectors
 // and passed in, so the rules stay defined in rules/transforms.py; this file only
 // owns the [U, D] arithmetic, and tests compare it with the eager chain.
+//
+// The same source is compiled once per instruction set (kernels/cpu_isa.py: no
+// -march=native, explicit -mavx2 / -mavx512* flags) and the variant matching
+// ATen's CPU capability is loaded; the inner loops are written for the compiler's
+// vectorizer (`#pragma omp simd`, restrict pointers, no aliasing).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+// The variant's name and source hash, set by kernels/cpu_isa.py's flags as bare tokens.
+#define TRA_STR2(x) #x
+#define TRA_STR(x) TRA_STR2(x)
+#ifndef TORCHREC_ADAPTIVE_SOURCE_HASH
+#define TORCHREC_ADAPTIVE_SOURCE_HASH unknown
+#endif
+#ifndef TORCHREC_ADAPTIVE_ISA
+#define TORCHREC_ADAPTIVE_ISA default
+#endif
 
 namespace {
 
@@ -23,53 +41,204 @@ inline void prefetch_row(const float* base, int64_t off, int64_t D) {
   }
 }
 
+inline void prefetch_read(const float* p, int64_t D) {
+  for (int64_t j = 0; j < D; j += 16) __builtin_prefetch(p + j, 0);
+}
+
 // The gradient of touched row u, summed over its lookups: lookups [row_offsets[u],
 // row_offsets[u + 1]) of the row-sorted lookup list, each adding lookup_weight[i] *
 // bag_grads[bags[i]]. Summing here instead of in a separate op means the [U, D]
 // coalesced gradient is never written to memory.
 struct LookupGrad {
   const int64_t* row_offsets;
-  const int64_t* bags;
+  const int32_t* bags;
   const float* weight;  // nullptr: every lookup weighs 1
   const float* bag_grads;
 
-  inline void row(int64_t u, int64_t D, float* __restrict__ acc) const {
-    for (int64_t j = 0; j < D; ++j) acc[j] = 0.0f;
+  // The bag gradients row u will read (random rows of a [bags, D] matrix larger than the caches).
+  inline void prefetch(int64_t u, int64_t D) const {
     for (int64_t i = row_offsets[u]; i < row_offsets[u + 1]; ++i) {
-      const float* __restrict__ src = bag_grads + bags[i] * D;
+      prefetch_read(bag_grads + static_cast<int64_t>(bags[i]) * D, D);
+    }
+  }
+
+  inline void row(int64_t u, int64_t D, float* __restrict__ acc) const {
+    const int64_t a = row_offsets[u], b = row_offsets[u + 1];
+    const float* __restrict__ first = bag_grads + static_cast<int64_t>(bags[a]) * D;
+    const float s0 = weight ? weight[a] : 1.0f;
+#pragma omp simd
+    for (int64_t j = 0; j < D; ++j) acc[j] = s0 * first[j];
+    for (int64_t i = a + 1; i < b; ++i) {
+      const float* __restrict__ src = bag_grads + static_cast<int64_t>(bags[i]) * D;
       const float s = weight ? weight[i] : 1.0f;
+#pragma omp simd
       for (int64_t j = 0; j < D; ++j) acc[j] += s * src[j];
     }
   }
 };
 
-LookupGrad lookup_grad(const at::Tensor& weight, const at::Tensor& rows, const at::Tensor& row_offsets,
-                       const at::Tensor& bags, const at::Tensor& lookup_weight, const at::Tensor& bag_grads) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
-              "weight must be a contiguous float32 [R, D] tensor");
+LookupGrad lookup_grad(int64_t D, const at::Tensor& rows, const at::Tensor& row_offsets, const at::Tensor& bags,
+                       const at::Tensor& lookup_weight, const at::Tensor& bag_grads) {
   TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be int64 [U]");
   TORCH_CHECK(row_offsets.scalar_type() == at::kLong && row_offsets.is_contiguous() &&
                   row_offsets.numel() == rows.numel() + 1,
               "row_offsets must be int64 [U + 1]");
-  TORCH_CHECK(bags.scalar_type() == at::kLong && bags.is_contiguous(), "bags must be int64 [L]");
-  TORCH_CHECK(bag_grads.dim() == 2 && bag_grads.size(1) == weight.size(1) && bag_grads.is_contiguous() &&
+  TORCH_CHECK(bags.scalar_type() == at::kInt && bags.is_contiguous(), "bags must be int32 [L]");
+  TORCH_CHECK(bag_grads.dim() == 2 && bag_grads.size(1) == D && bag_grads.is_contiguous() &&
                   bag_grads.scalar_type() == at::kFloat,
               "bag_grads must be contiguous float32 [bags, D]");
   const bool weighted = lookup_weight.numel() > 0;
   TORCH_CHECK(!weighted || (lookup_weight.scalar_type() == at::kFloat && lookup_weight.is_contiguous() &&
                             lookup_weight.numel() == bags.numel()),
               "lookup_weight must be empty or contiguous float32 [L]");
-  return LookupGrad{row_offsets.data_ptr<int64_t>(), bags.data_ptr<int64_t>(),
+  return LookupGrad{row_offsets.data_ptr<int64_t>(), bags.data_ptr<int32_t>(),
                     weighted ? lookup_weight.data_ptr<float>() : nullptr, bag_grads.data_ptr<float>()};
 }
 
+void check_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kFloat,
+              "weight must be a contiguous float32 [R, D] tensor");
+}
+
+// A tensor of `n` elements backed by `ws` (grown, never shrunk), so a step's
+// buffers are reused instead of freshly allocated: a fresh multi-MB tensor costs
+// page faults on every step (docs/performance.md).
+at::Tensor from_workspace(at::Tensor& ws, int64_t n) {
+  if (ws.numel() < n) ws.resize_({n + n / 4});
+  return ws.narrow(0, 0, n);
+}
+
 }  // namespace
+
+// Groups one dim-group's lookups by row in one pass, as FBGEMM's CPU backward does
+// (a radix sort of (row, lookup) pairs instead of a comparison sort, unique,
+// repeat_interleave and gathers). In: the lookups' rows [L] (int64, < num_rows),
+// their bags as offsets [B + 1], optional per-sample weights [L], mean pooling.
+// Out: the unique rows [U] (ascending), their occurrence counts [U] (float32),
+// row_offsets [U + 1], each row-sorted lookup's bag [L] (int32) and weight [L]
+// (per-sample weight, 1 / bag length for mean pooling, or empty: 1). The offsets
+// and row bounds are checked in the pass that reads them anyway. `ws` holds the
+// reusable buffers (see fused_cpu.CoalesceWorkspace for their dtypes).
+std::vector<at::Tensor> coalesce_lookups(at::Tensor indices, at::Tensor offsets, at::Tensor psw, bool mean,
+                                         int64_t num_rows, std::vector<at::Tensor> ws) {
+  TORCH_CHECK(indices.dim() == 1 && indices.scalar_type() == at::kLong && indices.is_contiguous(),
+              "indices must be contiguous int64 [L]");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.is_contiguous() &&
+                  offsets.numel() >= 1,
+              "offsets must be contiguous int64 [B + 1]");
+  TORCH_CHECK(ws.size() == 8, "coalesce_lookups needs 8 workspace tensors");
+  TORCH_CHECK(num_rows >= 0 && num_rows < (int64_t{1} << 32), "a dim group's rows must fit in 32 bits");
+  const int64_t L = indices.numel(), B = offsets.numel() - 1;
+  TORCH_CHECK(L < (int64_t{1} << 31) && B < (int64_t{1} << 31), "more than 2^31 lookups in one batch");
+  const bool weighted = psw.numel() > 0;
+  TORCH_CHECK(!weighted || (psw.scalar_type() == at::kFloat && psw.is_contiguous() && psw.numel() == L),
+              "per_sample_weights must be contiguous float32 [L]");
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[B] - off[0] == L, "offsets end at ", off[B] - off[0], " lookups, but there are ", L);
+
+  // keys: rows (32 bit); values: the lookup's bag, or its position when a per-sample weight must follow it
+  at::Tensor keys_a = from_workspace(ws[2], L), keys_b = from_workspace(ws[3], L);
+  at::Tensor vals_a = from_workspace(ws[4], L), vals_b = from_workspace(ws[6], L);
+  uint32_t* ka = reinterpret_cast<uint32_t*>(keys_a.data_ptr<int32_t>());
+  uint32_t* kb = reinterpret_cast<uint32_t*>(keys_b.data_ptr<int32_t>());
+  int32_t* va = vals_a.data_ptr<int32_t>();
+  int32_t* vb = vals_b.data_ptr<int32_t>();
+
+  int bits = 1;
+  while (bits < 32 && (int64_t{1} << bits) < num_rows) ++bits;
+  const int kDigit = 11, passes = (bits + kDigit - 1) / kDigit;
+  const uint32_t kMask = (1u << kDigit) - 1;
+  std::vector<int64_t> hist(static_cast<size_t>(passes) << kDigit, 0);
+
+  // pass 0: bags from offsets, bounds, and every digit's histogram
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = off[b] - off[0], hi = off[b + 1] - off[0];
+    TORCH_CHECK(lo <= hi, "offsets must be non-decreasing (bag ", b, ")");
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t r = idx[i];
+      TORCH_CHECK(r >= 0 && r < num_rows, "row ", r, " of lookup ", i, " is outside the group's ", num_rows, " rows");
+      const uint32_t k = static_cast<uint32_t>(r);
+      ka[i] = k;
+      va[i] = weighted ? static_cast<int32_t>(i) : static_cast<int32_t>(b);
+      for (int p = 0; p < passes; ++p) ++hist[(static_cast<size_t>(p) << kDigit) + ((k >> (p * kDigit)) & kMask)];
+    }
+  }
+  // LSD radix passes (stable: a row's lookups keep their batch order)
+  for (int p = 0; p < passes; ++p) {
+    int64_t* h = hist.data() + (static_cast<size_t>(p) << kDigit);
+    int64_t sum = 0;
+    for (uint32_t d = 0; d <= kMask; ++d) {
+      const int64_t c = h[d];
+      h[d] = sum;
+      sum += c;
+    }
+    const int shift = p * kDigit;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t dst = h[(ka[i] >> shift) & kMask]++;
+      kb[dst] = ka[i];
+      vb[dst] = va[i];
+    }
+    std::swap(ka, kb);
+    std::swap(va, vb);
+  }
+
+  // unique rows, counts, offsets; bags and weights in row order
+  int64_t U = 0;
+  for (int64_t i = 0; i < L; ++i) U += (i == 0 || ka[i] != ka[i - 1]);
+  at::Tensor rows = from_workspace(ws[0], U);
+  at::Tensor row_offsets = from_workspace(ws[1], U + 1);
+  at::Tensor occ = from_workspace(ws[5], U);
+  at::Tensor bags = va == vals_a.data_ptr<int32_t>() ? vals_a : vals_b;  // where the sorted values ended
+  int64_t* rp = rows.data_ptr<int64_t>();
+  int64_t* op = row_offsets.data_ptr<int64_t>();
+  float* cp = occ.data_ptr<float>();
+  int64_t u = -1;
+  for (int64_t i = 0; i < L; ++i) {
+    if (i == 0 || ka[i] != ka[i - 1]) {
+      if (u >= 0) cp[u] = static_cast<float>(i - op[u]);
+      rp[++u] = ka[i];
+      op[u] = i;
+    }
+  }
+  if (u >= 0) cp[u] = static_cast<float>(L - op[u]);
+  op[U] = L;
+
+  at::Tensor lookup_weight;
+  if (weighted || mean) {
+    lookup_weight = from_workspace(ws[7], L);
+    float* lw = lookup_weight.data_ptr<float>();
+    int32_t* bg = va;
+    if (weighted) {
+      // values are lookup positions: their bag is found in the offsets, their weight in psw
+      const float* pw = psw.data_ptr<float>();
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t pos = bg[i];
+        lw[i] = pw[pos];
+        const int64_t* hit = std::upper_bound(off, off + B + 1, pos + off[0]);
+        bg[i] = static_cast<int32_t>((hit - off) - 1);
+        // a zero-length bag shares its offset with the next: upper_bound already skips it
+      }
+    }
+    if (mean) {
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t b = bg[i];
+        const float w = weighted ? lw[i] : 1.0f;
+        lw[i] = w / static_cast<float>(std::max<int64_t>(off[b + 1] - off[b], 1));
+      }
+    }
+  } else {
+    lookup_weight = at::empty({0}, indices.options().dtype(at::kFloat));
+  }
+  return {rows, occ, row_offsets, bags, lookup_weight};
+}
 
 // w <- keep_r * w - lr_r * (m_hat / (sqrt(v_hat) + eps)), with the moments updated first.
 void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at::Tensor rows, at::Tensor row_offsets,
                 at::Tensor bags, at::Tensor lookup_weight, at::Tensor bag_grads, at::Tensor lr, at::Tensor keep,
                 double beta1, double beta2, double eps, double bc1, double bc2_sqrt) {
-  const LookupGrad lg = lookup_grad(weight, rows, row_offsets, bags, lookup_weight, bag_grads);
+  check_weight(weight);
+  const LookupGrad lg = lookup_grad(weight.size(1), rows, row_offsets, bags, lookup_weight, bag_grads);
   TORCH_CHECK(exp_avg.sizes() == weight.sizes() && exp_avg_sq.sizes() == weight.sizes() && exp_avg.is_contiguous() &&
                   exp_avg_sq.is_contiguous(),
               "moments must be contiguous and shaped like the weights");
@@ -83,7 +252,7 @@ void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at
   const int64_t* r = rows.data_ptr<int64_t>();
   const float* lp = lr_c.data_ptr<float>();
   const float* kp = has_keep ? keep_c.data_ptr<float>() : nullptr;
-  const float b1 = beta1, b2 = beta2, one_b1 = 1.0 - beta1, one_b2 = 1.0 - beta2;
+  const float b2 = beta2, one_b1 = 1.0 - beta1, one_b2 = 1.0 - beta2;
   const float inv_bc1 = 1.0 / bc1, inv_bc2s = 1.0 / bc2_sqrt, e = eps;
   at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
     std::vector<float> acc(D);
@@ -93,6 +262,7 @@ void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at
         prefetch_row(w, r[u + kPrefetchRows] * D, D);
         prefetch_row(m, r[u + kPrefetchRows] * D, D);
         prefetch_row(v, r[u + kPrefetchRows] * D, D);
+        lg.prefetch(u + kPrefetchRows, D);
       }
       const int64_t off = r[u] * D;
       float* __restrict__ wr = w + off;
@@ -101,6 +271,7 @@ void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at
       lg.row(u, D, gr);
       const float step = lp[u] * inv_bc1;
       const float k = kp ? kp[u] : 1.0f;
+#pragma omp simd
       for (int64_t j = 0; j < D; ++j) {
         const float gj = gr[j];
         const float mj = mr[j] + one_b1 * (gj - mr[j]);
@@ -117,7 +288,8 @@ void adam_rows_(at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, at
 void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor rows, at::Tensor row_offsets,
                            at::Tensor bags, at::Tensor lookup_weight, at::Tensor bag_grads, at::Tensor lr,
                            at::Tensor keep, double eps, double l2, double acc_decay, double sq_scale) {
-  const LookupGrad lg = lookup_grad(weight, rows, row_offsets, bags, lookup_weight, bag_grads);
+  check_weight(weight);
+  const LookupGrad lg = lookup_grad(weight.size(1), rows, row_offsets, bags, lookup_weight, bag_grads);
   TORCH_CHECK(momentum.dim() == 1 && momentum.size(0) == weight.size(0) && momentum.is_contiguous() &&
                   momentum.scalar_type() == at::kFloat,
               "momentum must be float32 [R]");
@@ -137,11 +309,13 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
     for (int64_t u = begin; u < end; ++u) {
       if (u + kPrefetchRows < end) {
         prefetch_row(w, r[u + kPrefetchRows] * D, D);
+        lg.prefetch(u + kPrefetchRows, D);
       }
       const int64_t row = r[u];
       float* __restrict__ wr = w + row * D;
       lg.row(u, D, gr);
       float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
       for (int64_t j = 0; j < D; ++j) {
         const float gj = gr[j] + wd * wr[j];
         sq += gj * gj;
@@ -151,6 +325,7 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
       acc[row] = a;
       const float mult = lp[u] / (std::sqrt(a) + e);
       const float k = kp ? kp[u] : 1.0f;
+#pragma omp simd
       for (int64_t j = 0; j < D; ++j) {
         const float gj = gr[j] + wd * wr[j];
         wr[j] = k * wr[j] - mult * gj;
@@ -159,7 +334,67 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
   });
 }
 
+// Helen's capture: ||g_r|| of each touched row, summing its lookups as the update
+// loops do, so the [U, D] gradient is never written.
+at::Tensor row_grad_norms(at::Tensor rows, at::Tensor row_offsets, at::Tensor bags, at::Tensor lookup_weight,
+                          at::Tensor bag_grads) {
+  const int64_t D = bag_grads.size(1), U = rows.size(0);
+  const LookupGrad lg = lookup_grad(D, rows, row_offsets, bags, lookup_weight, bag_grads);
+  at::Tensor out = at::empty({U}, bag_grads.options());
+  float* np = out.data_ptr<float>();
+  at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
+    std::vector<float> buf(D);
+    float* __restrict__ gr = buf.data();
+    for (int64_t u = begin; u < end; ++u) {
+      lg.row(u, D, gr);
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < D; ++j) sq += gr[j] * gr[j];
+      np[u] = std::sqrt(sq);
+    }
+  });
+  return out;
+}
+
+// Helen's perturbation in place: saved[u] <- w[rows[u]], then w[rows[u]] += scale[u] * g_u
+// (g_u summed from the lookups again: cheaper than keeping [U, D] from the capture).
+void perturb_rows_(at::Tensor weight, at::Tensor rows, at::Tensor row_offsets, at::Tensor bags,
+                   at::Tensor lookup_weight, at::Tensor bag_grads, at::Tensor scale, at::Tensor saved) {
+  check_weight(weight);
+  const int64_t D = weight.size(1), U = rows.size(0);
+  const LookupGrad lg = lookup_grad(D, rows, row_offsets, bags, lookup_weight, bag_grads);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == U,
+              "scale must be float32 [U]");
+  TORCH_CHECK(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 2 && saved.size(0) == U &&
+                  saved.size(1) == D,
+              "saved must be float32 [U, D]");
+  float* w = weight.data_ptr<float>();
+  float* sv = saved.data_ptr<float>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const float* sp = scale.data_ptr<float>();
+  at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
+    std::vector<float> buf(D);
+    float* __restrict__ gr = buf.data();
+    for (int64_t u = begin; u < end; ++u) {
+      float* __restrict__ wr = w + r[u] * D;
+      float* __restrict__ so = sv + u * D;
+      lg.row(u, D, gr);
+      const float s = sp[u];
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) {
+        so[j] = wr[j];
+        wr[j] += s * gr[j];
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("coalesce_lookups", &coalesce_lookups, "group lookups by row in one radix pass");
   m.def("adam_rows_", &adam_rows_, "fused lazy Adam on rows (in place)");
   m.def("rowwise_adagrad_rows_", &rowwise_adagrad_rows_, "fused row-wise Adagrad / RMSprop on rows (in place)");
+  m.def("row_grad_norms", &row_grad_norms, "||g_r|| of each touched row (Helen's capture)");
+  m.def("perturb_rows_", &perturb_rows_, "w_r += scale_r g_r, saving the originals (Helen)");
+  m.attr("source_hash") = TRA_STR(TORCHREC_ADAPTIVE_SOURCE_HASH);
+  m.attr("isa") = TRA_STR(TORCHREC_ADAPTIVE_ISA);
 }

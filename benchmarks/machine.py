@@ -1,0 +1,67 @@
+"""What a benchmark ran on, printed and stored with every number (docs/performance.md
+keeps one table per machine): CPU model, cores, threads, the instruction set ATen,
+FBGEMM and our fused CPU loops use, and the load average (this VM is shared).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    model, flags = platform.processor() or platform.machine(), set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def fbgemm_isa(flags: set[str]) -> str:
+    """The instruction set FBGEMM's CPU kernels dispatch to at run time: its
+    ``fbgemmHasAvx512Support()`` needs avx512 f/bw/dq/vl, ``fbgemmHasAvx2Support()`` avx2 + fma
+    (fbgemm/src/Utils.cc); ``FBGEMM_ENABLE_INSTRUCTIONS`` may lower it."""
+    forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS")
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        best = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        best = "avx2"
+    else:
+        best = "scalar (no AVX2)"
+    return f"{best} (FBGEMM_ENABLE_INSTRUCTIONS={forced})" if forced else best
+
+
+def describe() -> dict[str, Any]:
+    """This machine and process, for a benchmark's header and JSON."""
+    import torch
+
+    from torchrec_adaptive.kernels import fused_cpu
+
+    model, flags = _cpuinfo()
+    ext = fused_cpu.extension()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "aten_isa": torch.backends.cpu.get_cpu_capability(),
+        "fbgemm_isa": fbgemm_isa(flags),
+        "ours_isa": ext.isa if ext is not None else "eager chain (no fused loops)",
+        "ours_isa_forced": os.environ.get("TORCHREC_ADAPTIVE_CPU_ISA") or None,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "torch": torch.__version__,
+    }
+
+
+def header(info: dict[str, Any]) -> str:
+    return (f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads | ISA: "
+            f"ATen {info['aten_isa']}, FBGEMM {info['fbgemm_isa']}, ours {info['ours_isa']}"
+            f"{' (forced)' if info['ours_isa_forced'] else ''} | load average {info['loadavg_1_5_15']}")
