@@ -89,3 +89,14 @@ def test_study_with_seeds_end_to_end(tmp_path: Path) -> None:
     assert not (out / "seed_3" / ".data_cache").exists()
     assert " ± " in (out / "summary.md").read_text() and "| adamar |" in proc.stdout
     assert (out / "auc_by_epoch.png").stat().st_size > 10_000
+
+
+STUDY_CONFIGS = sorted(p for d in ("study", "regimes") for p in (ROOT / "configs" / "synthetic" / d).glob("[!_]*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDY_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_study_configs_load(path: Path) -> None:
+    """The grids and regimes of docs/results.md (configs/synthetic/{study,regimes}) load, named by file."""
+    from torchrec_adaptive.apps.dlrm.config import load_config
+
+    assert load_config(path).name == path.stem
