@@ -100,3 +100,27 @@ def test_study_configs_load(path: Path) -> None:
     from torchrec_adaptive.apps.dlrm.config import load_config
 
     assert load_config(path).name == path.stem
+
+
+def test_alpha_per_epoch_becomes_alpha_per_step() -> None:
+    """AdamAR's decay per epoch (docs/results.md section 5): alpha = alpha_per_epoch / steps per epoch,
+    handed to the tables' optimizer by build_model; bad combinations fail at config load."""
+    import torch
+
+    from torchrec_adaptive.apps.dlrm.config import ConfigError, SparseOptimizerConfig, load_config
+    from torchrec_adaptive.apps.dlrm.model import build_model
+    from torchrec_adaptive.apps.dlrm.optim import per_step_kwargs
+
+    so = SparseOptimizerConfig("adamar", {"lr": 1e-3, "alpha_per_epoch": 2.44})
+    assert per_step_kwargs(so, 244) == {"lr": 1e-3, "alpha": pytest.approx(0.01, rel=1e-12)}
+    assert per_step_kwargs(so, 1)["alpha"] == 1.0  # clipped: the linear decay's alpha is at most 1
+    cfg = load_config(ROOT / "configs/synthetic/adamar.yaml", ["sparse_optimizer.kwargs={lr: 1.0e-3, alpha_per_epoch: 2.44}"])
+    _, emb = build_model(cfg, [f"f{i}" for i in range(3)], [50, 60, 70], 4, torch.device("cpu"), steps_per_epoch=122)
+    kwargs = [p._optimizer_kwargs[0] for p in emb.parameters()]
+    assert kwargs and all(k["alpha"] == pytest.approx(0.02, rel=1e-12) and "alpha_per_epoch" not in k for k in kwargs)
+    for bad, match in [("{lr: 1.0e-3, alpha: 1.0e-2, alpha_per_epoch: 2.0}", "not both"),
+                       ("{lr: 1.0e-3, alpha_per_epoch: -1.0}", ">= 0")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(ROOT / "configs/synthetic/adamar.yaml", [f"sparse_optimizer.kwargs={bad}"])
+    with pytest.raises(ConfigError, match="AdamAR's decay per epoch"):
+        load_config(ROOT / "configs/synthetic/adam.yaml", ["sparse_optimizer.kwargs={lr: 1.0e-3, alpha_per_epoch: 2.0}"])

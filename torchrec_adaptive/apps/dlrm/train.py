@@ -156,7 +156,10 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
     data = open_data(cfg.data, base_dir, out.parent / ".data_cache")  # streamed; converted once if raw
     buckets = data.id_buckets(t.freq_buckets, rank, world)
     meta = data.meta
-    model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, device)
+    steps = steps_per_epoch(data.train_rows, t.batch_size, world, t.max_steps_per_epoch)
+    if steps < 1:
+        raise ValueError(f"{data.train_rows} training rows give no full batch of {t.batch_size} per rank on {world} ranks")
+    model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, device, steps)
     model = shard(model, cfg, device)
     dense_opt = dense_optimizer(model, cfg.dense_optimizer)
     helen = None
@@ -175,9 +178,6 @@ def run(cfg: RunConfig, out: Path, *, resume: bool = False, allow_config_change:
             print(f"[{cfg.name}] resumed from {out / CHECKPOINTS}/epoch_{first - 1} (epoch {first - 1} done, "
                   f"run {plan.record.run_id}){changed}", flush=True)
 
-    steps = steps_per_epoch(data.train_rows, t.batch_size, world, t.max_steps_per_epoch)
-    if steps < 1:
-        raise ValueError(f"{data.train_rows} training rows give no full batch of {t.batch_size} per rank on {world} ranks")
     meda = cfg.meda
     history: list[dict[str, Any]] = []
     for epoch in range(first, t.epochs + 1):
