@@ -118,9 +118,9 @@ def test_alpha_per_epoch_becomes_alpha_per_step() -> None:
     _, emb = build_model(cfg, [f"f{i}" for i in range(3)], [50, 60, 70], 4, torch.device("cpu"), steps_per_epoch=122)
     kwargs = [p._optimizer_kwargs[0] for p in emb.parameters()]
     assert kwargs and all(k["alpha"] == pytest.approx(0.02, rel=1e-12) and "alpha_per_epoch" not in k for k in kwargs)
-    for bad, match in [("{lr: 1.0e-3, alpha: 1.0e-2, alpha_per_epoch: 2.0}", "not both"),
-                       ("{lr: 1.0e-3, alpha_per_epoch: -1.0}", ">= 0")]:
-        with pytest.raises(ConfigError, match=match):
-            load_config(ROOT / "configs/synthetic/adamar.yaml", [f"sparse_optimizer.kwargs={bad}"])
+    both = SparseOptimizerConfig("adamar", {"lr": 1e-3, "alpha": 3e-2, "alpha_per_epoch": 2.44})
+    assert per_step_kwargs(both, 244) == {"lr": 1e-3, "alpha": 3e-2}  # an explicit per-step alpha wins
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_config(ROOT / "configs/synthetic/adamar.yaml", ["sparse_optimizer.kwargs={lr: 1.0e-3, alpha_per_epoch: -1.0}"])
     with pytest.raises(ConfigError, match="AdamAR's decay per epoch"):
         load_config(ROOT / "configs/synthetic/adam.yaml", ["sparse_optimizer.kwargs={lr: 1.0e-3, alpha_per_epoch: 2.0}"])

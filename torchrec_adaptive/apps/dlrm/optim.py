@@ -30,8 +30,9 @@ def per_step_kwargs(cfg: SparseOptimizerConfig, steps_per_epoch: int) -> dict[st
     """The optimizer kwargs with AdamAR's decay given per epoch (``alpha_per_epoch``) turned into
     the per-step ``alpha`` the rule takes: alpha = alpha_per_epoch / steps_per_epoch, so a row idle
     for a whole epoch loses min(1, alpha_per_epoch) of its weight at its next touch, whatever the
-    batch size and data size (docs/results.md, "An alpha that needs no tuning"). Other kwargs pass
-    unchanged."""
+    batch size and data size (docs/results.md, "An alpha that needs no tuning"). A per-step ``alpha``
+    given as well replaces it (a ``--set sparse_optimizer.kwargs.alpha=...`` on a config that has
+    ``alpha_per_epoch``). Other kwargs pass unchanged."""
     kwargs = dict(cfg.kwargs)
     if PER_EPOCH not in kwargs:
         return kwargs
@@ -39,10 +40,10 @@ def per_step_kwargs(cfg: SparseOptimizerConfig, steps_per_epoch: int) -> dict[st
     if cfg.name != "adamar":
         raise ValueError(f"sparse_optimizer.kwargs.{PER_EPOCH} is AdamAR's decay per epoch; optimizer {cfg.name!r} "
                          f"has none")
-    if "alpha" in kwargs:
-        raise ValueError(f"sparse_optimizer.kwargs: give alpha (per step) or {PER_EPOCH}, not both")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
         raise ValueError(f"sparse_optimizer.kwargs.{PER_EPOCH} must be a number >= 0, got {value!r}")
+    if "alpha" in kwargs:  # a per-step alpha given as well (e.g. --set sparse_optimizer.kwargs.alpha=...) wins
+        return kwargs
     if steps_per_epoch < 1:
         raise ValueError(f"{PER_EPOCH} needs the steps per epoch, got {steps_per_epoch}")
     kwargs["alpha"] = min(1.0, float(value) / steps_per_epoch)  # linear decay: alpha in [0, 1]
