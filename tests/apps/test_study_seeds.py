@@ -109,7 +109,7 @@ def test_alpha_per_epoch_becomes_alpha_per_step() -> None:
 
     from torchrec_adaptive.apps.dlrm.config import ConfigError, SparseOptimizerConfig, load_config
     from torchrec_adaptive.apps.dlrm.model import build_model
-    from torchrec_adaptive.apps.dlrm.optim import per_step_kwargs
+    from torchrec_adaptive.apps.dlrm.decay_units import per_step_kwargs
 
     so = SparseOptimizerConfig("adamar", {"lr": 1e-3, "alpha_per_epoch": 2.44})
     assert per_step_kwargs(so, 244) == {"lr": 1e-3, "alpha": pytest.approx(0.01, rel=1e-12)}

@@ -309,12 +309,11 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
     need(so.name in OURS + STOCK, f"sparse_optimizer.name must be one of {OURS + STOCK}, got {so.name!r}")
     need("lr" in so.kwargs, "sparse_optimizer.kwargs must set lr")
     if so.name in OURS:
-        from .optim import PER_EPOCH, our_optimizer, per_step_kwargs
+        from .decay_units import per_step_kwargs
+        from .optim import our_optimizer
 
         try:
-            # alpha_per_epoch becomes alpha once the steps per epoch are known; checked here with 1 step
-            kwargs = per_step_kwargs(so, 1) if PER_EPOCH in so.kwargs else so.kwargs
-            our_optimizer(so.name).rule_config(**kwargs)
+            our_optimizer(so.name).rule_config(**per_step_kwargs(so, 1))  # alpha_per_epoch checked as 1 step/epoch
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{src}: sparse_optimizer.kwargs: {e}") from None
     dn = cfg.dense_optimizer

@@ -15,39 +15,13 @@ from torch import nn
 
 from ...rules import Adam, AdamAR, RowWiseAdagrad
 from .config import DenseOptimizerConfig, SparseOptimizerConfig
+from .decay_units import per_step_kwargs
 
 _OURS = {"adam": Adam, "adamar": AdamAR, "rowwise_adagrad": RowWiseAdagrad}
 
 
 def our_optimizer(name: str) -> Any:
     return _OURS[name]
-
-
-PER_EPOCH = "alpha_per_epoch"
-
-
-def per_step_kwargs(cfg: SparseOptimizerConfig, steps_per_epoch: int) -> dict[str, Any]:
-    """The optimizer kwargs with AdamAR's decay given per epoch (``alpha_per_epoch``) turned into
-    the per-step ``alpha`` the rule takes: alpha = alpha_per_epoch / steps_per_epoch, so a row idle
-    for a whole epoch loses min(1, alpha_per_epoch) of its weight at its next touch, whatever the
-    batch size and data size (docs/results.md, "An alpha that needs no tuning"). A per-step ``alpha``
-    given as well replaces it (a ``--set sparse_optimizer.kwargs.alpha=...`` on a config that has
-    ``alpha_per_epoch``). Other kwargs pass unchanged."""
-    kwargs = dict(cfg.kwargs)
-    if PER_EPOCH not in kwargs:
-        return kwargs
-    value = kwargs.pop(PER_EPOCH)
-    if cfg.name != "adamar":
-        raise ValueError(f"sparse_optimizer.kwargs.{PER_EPOCH} is AdamAR's decay per epoch; optimizer {cfg.name!r} "
-                         f"has none")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"sparse_optimizer.kwargs.{PER_EPOCH} must be a number >= 0, got {value!r}")
-    if "alpha" in kwargs:  # a per-step alpha given as well (e.g. --set sparse_optimizer.kwargs.alpha=...) wins
-        return kwargs
-    if steps_per_epoch < 1:
-        raise ValueError(f"{PER_EPOCH} needs the steps per epoch, got {steps_per_epoch}")
-    kwargs["alpha"] = min(1.0, float(value) / steps_per_epoch)  # linear decay: alpha in [0, 1]
-    return kwargs
 
 
 def sparse_optimizer_class(cfg: SparseOptimizerConfig) -> Any:
@@ -69,8 +43,7 @@ def apply_sparse_optimizer(tables: nn.Module, cfg: SparseOptimizerConfig, steps_
     """``steps_per_epoch``: what turns ``alpha_per_epoch`` into ``alpha`` (only needed with it)."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 
-    kwargs = per_step_kwargs(cfg, steps_per_epoch) if PER_EPOCH in cfg.kwargs else dict(cfg.kwargs)
-    apply_optimizer_in_backward(sparse_optimizer_class(cfg), tables.parameters(), kwargs)
+    apply_optimizer_in_backward(sparse_optimizer_class(cfg), tables.parameters(), per_step_kwargs(cfg, steps_per_epoch))
 
 
 def dense_optimizer_factory(cfg: DenseOptimizerConfig) -> Callable[[Any], torch.optim.Optimizer]:
