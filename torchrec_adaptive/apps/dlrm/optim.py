@@ -15,7 +15,6 @@ from torch import nn
 
 from ...rules import Adam, AdamAR, RowWiseAdagrad
 from .config import DenseOptimizerConfig, SparseOptimizerConfig
-from .decay_units import per_step_kwargs
 
 _OURS = {"adam": Adam, "adamar": AdamAR, "rowwise_adagrad": RowWiseAdagrad}
 
@@ -42,6 +41,8 @@ def sparse_optimizer_class(cfg: SparseOptimizerConfig) -> Any:
 def apply_sparse_optimizer(tables: nn.Module, cfg: SparseOptimizerConfig, steps_per_epoch: int = 0) -> None:
     """``steps_per_epoch``: what turns ``alpha_per_epoch`` into ``alpha`` (only needed with it)."""
     from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+
+    from .decay_units import per_step_kwargs
 
     apply_optimizer_in_backward(sparse_optimizer_class(cfg), tables.parameters(), per_step_kwargs(cfg, steps_per_epoch))
 
