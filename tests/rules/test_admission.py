@@ -17,6 +17,7 @@ import torch
 
 import torchrec_adaptive as tra
 from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive.rules.transforms import COUNT
 
 from ..batches import zipf_batch
 from ..reference import DenseRule, almost, dense_forward, occurrences, rowwise_adagrad_dense
@@ -120,7 +121,7 @@ def test_admission_matches_dense_reference(rule: str, fused: bool) -> None:
         moved += int((w[counts[t] >= MIN] != w0[counts[t] >= MIN]).any(dim=1).sum())
     assert held_back > 10 and moved > 10, (held_back, moved)  # both kinds of rows occurred: the test can fail
     for t, st in enumerate(kernel.get_optimizer_state()):
-        assert torch.equal(st["row_count"].float(), counts[t]), f"table {t}: counts go on for rows not admitted"
+        assert torch.equal(st[COUNT].float(), counts[t]), f"table {t}: counts go on for rows not admitted"
 
 
 @pytest.mark.parametrize("value", [-1.0, math.inf, math.nan])
@@ -161,8 +162,8 @@ def test_unsharded_optimizer_checkpoint_resumes_admission_exactly() -> None:
     bag3, opt3 = make()
     bag3.load_state_dict(saved_w)
     opt3.load_state_dict(saved_opt)
-    assert opt3.state[bag3.weight]["row_count"].dtype == torch.float64
+    assert opt3.state[bag3.weight][COUNT].dtype == torch.float64
     train(bag3, opt3, data[10:])
     assert torch.equal(bag.weight, bag3.weight)
-    counts = opt.state[bag.weight]["row_count"]
+    counts = opt.state[bag.weight][COUNT]
     assert bool(((counts > 0) & (counts < MIN)).any()) and bool((counts >= MIN).any())
