@@ -166,6 +166,7 @@ def study(
     configs: str = "configs/synthetic/adam.yaml,configs/synthetic/adamar.yaml,configs/synthetic/fal.yaml,"
                    "configs/synthetic/meda.yaml",
     out: str = "runs/study",
+    seeds: str = "",
     resume: str = "false",
     allow_config_change: str = "false",
     j: str = "1x2",
@@ -182,6 +183,8 @@ def study(
         overrides: config overrides KEY=VALUE applied to every run
         configs: comma-separated YAML files
         out: study directory (one subdirectory per run, summary.md, auc_by_epoch.png)
+        seeds: comma-separated seeds, e.g. 0,1,2: every config once per seed (<out>/seed_<s>/<run>),
+            mean ± std over the seeds in the table and as bands in the plot; empty: the configs' own seed
         resume: true: skip complete runs, continue interrupted ones from their last valid checkpoint
         allow_config_change: true: with resume, go on with a changed config (recorded in config.json)
         j: {nnodes}x{nproc_per_node}; 2 local CPU ranks by default
@@ -192,6 +195,8 @@ def study(
         env: extra environment variables
     """
     args: List[str] = ["--configs", *[c for c in configs.split(",") if c], "--out", out]
+    if seeds.strip():
+        args += ["--seeds", *[x.strip() for x in seeds.split(",") if x.strip()]]
     for o in overrides:
         args += ["--set", o]
     args += _run_flags(resume, allow_config_change, gpu)

@@ -29,7 +29,7 @@ def test_shipped_config_loads(path):
 
 def test_methods_differ_where_they_should():
     c = {m: load_config(ROOT / "configs" / "synthetic" / f"{m}.yaml") for m in METHODS}
-    assert c["adamar"].sparse_optimizer.name == "adamar" and c["adamar"].sparse_optimizer.kwargs["alpha"] > 0
+    assert c["adamar"].sparse_optimizer.name == "adamar" and c["adamar"].sparse_optimizer.kwargs["alpha_per_epoch"] > 0
     assert "fal_tau" in c["fal"].sparse_optimizer.kwargs
     assert c["sparse_optimizer"].sparse_optimizer.kwargs["lr_multiplier"] != 1.0
     assert c["meda"].meda is not None and c["adam"].meda is None

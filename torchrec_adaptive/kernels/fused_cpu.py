@@ -40,6 +40,7 @@ from ..rules.transforms import (
     add_adaptive_row_decay,
     add_decoupled_row_decay,
     add_l2_to_row_grad,
+    admit_by_count,
     apply_row_update,
     scale_by_row_adam,
     scale_by_row_frequency,
@@ -159,7 +160,8 @@ class FusedChain:
         keeps: list[Any] = []
         l2 = None
         for t in ts[:-2]:
-            if isinstance(t, (track_row_history, scale_by_row_frequency)) and not keeps and l2 is None:
+            # admission only zeroes lr_r and marks rows (the decays' row_keep honour it): eager, like FAL
+            if isinstance(t, (track_row_history, admit_by_count, scale_by_row_frequency)) and not keeps and l2 is None:
                 rows.append(t)
             elif isinstance(t, (add_adaptive_row_decay, add_decoupled_row_decay)):
                 keeps.append(t)

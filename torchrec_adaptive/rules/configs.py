@@ -17,6 +17,7 @@ from .transforms import (
     add_adaptive_row_decay,
     add_decoupled_row_decay,
     add_l2_to_row_grad,
+    admit_by_count,
     apply_row_update,
     scale_by_row_adam,
     scale_by_row_frequency,
@@ -98,20 +99,26 @@ class RuleConfig:
     lr_multiplier: float = 1.0
     count_half_life: float = 0.0
     fal: FALConfig | None = None
+    # frequency admission: a row's weights change only once c_r >= admit_min_count (0: off)
+    admit_min_count: float = 0.0
 
     def __post_init__(self) -> None:
         _require_types(self)
         _require(self.lr >= 0 and math.isfinite(self.lr), f"lr must be >= 0 and finite, got {self.lr}")
         _require(self.lr_multiplier > 0 and math.isfinite(self.lr_multiplier),
                  f"lr_multiplier must be > 0, got {self.lr_multiplier}")
+        admit_by_count(self.admit_min_count)  # validates it, also when 0 leaves it out of the chain
         self.build()  # every transform validates its own hyperparameters
 
     def base_transforms(self) -> list[RowTransform]:
         raise NotImplementedError
 
     def build(self) -> RowChain:
-        """History first (decays need I_r before s_r moves), FAL next (decays may use lr_r)."""
+        """History first (decays need I_r before s_r moves), admission and FAL next (they set lr_r,
+        which decays may use)."""
         chain: list[RowTransform] = [track_row_history(half_life=self.count_half_life)]
+        if self.admit_min_count > 0:
+            chain.append(admit_by_count(self.admit_min_count))
         if self.fal is not None:
             chain.append(self.fal.build())
         chain += self.base_transforms()

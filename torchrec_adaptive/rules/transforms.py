@@ -91,6 +91,51 @@ class track_row_history(_Validated):  # noqa: N801 - optax-style factory name
         return {LAST_STEP: torch.full_like(last, batch.step), COUNT: count}
 
 
+ADMITTED = "admitted"
+
+
+@dataclass
+class admit_by_count(_Validated):  # noqa: N801
+    """Frequency admission (DeepRec's CounterFilter, dynamicemb's FrequencyAdmissionStrategy):
+    a row's weights are not updated until it has been seen ``min_count`` times.
+
+    Runs after :class:`track_row_history` and reads its ``count`` (c_r after this batch, so
+    the ``min_count``-th occurrence is the first one that updates). For rows not yet admitted
+    it sets the learning rate to 0 and publishes ``admitted``, which the row decays honour
+    (their factor is 1 there), so *every* change of the weights waits: the update, AdamAR's
+    and FBGEMM's idle-time decay, decoupled weight decay. The row's history and optimizer
+    state (moments, Adagrad sum) keep accumulating, so the first admitted step is a normal one
+    of the base rule. No state of its own: c_r is already a checkpointed slot. With a
+    ``count_half_life`` a row whose decayed count falls below ``min_count`` stops updating
+    again. Not done: reading unadmitted rows as zeros (the forward lookup belongs to every
+    backend's kernel); they read their initial values.
+    """
+
+    min_count: float = 0.0  # 0 (or 1): every row admitted on its first occurrence
+
+    def validate(self) -> None:
+        _check(self.min_count >= 0 and math.isfinite(self.min_count),
+               f"admit_min_count must be >= 0 and finite, got {self.min_count}")
+
+    def slots(self) -> tuple[StateSlot, ...]:
+        return ()
+
+    def update(self, batch: RowBatch, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.min_count > 0:
+            admitted = batch.extras["count"] >= self.min_count
+            batch.extras[ADMITTED] = admitted
+            batch.lr = batch.lr * admitted.unsqueeze(1).to(batch.lr.dtype)
+        return {}
+
+
+def only_admitted(batch: RowBatch, keep: Tensor | None) -> Tensor | None:
+    """A decay factor with 1 for the rows :class:`admit_by_count` has not admitted yet."""
+    admitted = batch.extras.get(ADMITTED)
+    if keep is None or admitted is None:
+        return keep
+    return torch.where(admitted, keep, torch.ones_like(keep))
+
+
 @dataclass
 class add_adaptive_row_decay(_RowDecay):  # noqa: N801
     """AdamAR's decay of a row by how long it went untouched (seeds/adamar_*).
@@ -121,6 +166,9 @@ class add_adaptive_row_decay(_RowDecay):  # noqa: N801
 
     def row_keep(self, batch: RowBatch) -> Tensor | None:
         """The factor [U] each touched row's weight is multiplied by (None: 1)."""
+        return only_admitted(batch, self._keep(batch))
+
+    def _keep(self, batch: RowBatch) -> Tensor | None:
         if self.alpha == 0.0:
             return None
         skipped = batch.extras["skipped"].to(batch.lr.dtype)
@@ -146,7 +194,8 @@ class add_decoupled_row_decay(_RowDecay):  # noqa: N801
         _check_weight_decay(self.weight_decay)
 
     def row_keep(self, batch: RowBatch) -> Tensor | None:
-        """The factor [U] each touched row's weight is multiplied by (None: 1)."""
+        """The factor [U] each touched row's weight is multiplied by (None: 1); exactly 1
+        where the lr is 0 (rows not admitted yet)."""
         if self.weight_decay == 0.0:
             return None
         return 1.0 - batch.lr.squeeze(1) * self.weight_decay

@@ -26,6 +26,7 @@ import yaml
 
 from ...epochs import MEDAConfig
 from .data.synthetic import SyntheticConfig
+from .decay_units import per_step_kwargs
 from .optimizer_names import OURS as _OUR_OPTIMIZERS
 from .optimizer_names import STOCK, our_optimizer, renamed_method_hint
 
@@ -318,7 +319,7 @@ def validate(cfg: RunConfig, src: str = "config") -> None:
          f"stock_rowwise_adagrad.yaml) or use sparse_optimizer.name {cfg.name!r}")
     if so.name in OURS:
         try:
-            our_optimizer(so.name).rule_config(**so.kwargs)
+            our_optimizer(so.name).rule_config(**per_step_kwargs(so, 1))  # alpha_per_epoch checked as 1 step/epoch
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{src}: sparse_optimizer.kwargs: {e}") from None
     dn = cfg.dense_optimizer

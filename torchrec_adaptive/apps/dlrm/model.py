@@ -34,10 +34,11 @@ def table_configs(field_names: Sequence[str], vocab_sizes: Sequence[int], cfg: M
 
 
 def build_model(cfg: RunConfig, field_names: Sequence[str], vocab_sizes: Sequence[int], num_dense: int,
-                device: torch.device) -> tuple[nn.Module, nn.Module]:
+                device: torch.device, steps_per_epoch: int = 0) -> tuple[nn.Module, nn.Module]:
     """(DLRMTrain module, the embedding module whose parameters the sparse optimizer owns), unsharded.
 
     Tables are created on ``meta`` and materialized by DMP on each rank's shard only.
+    ``steps_per_epoch`` turns AdamAR's ``alpha_per_epoch`` into its ``alpha`` (optim.per_step_kwargs).
     """
     from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
@@ -50,10 +51,10 @@ def build_model(cfg: RunConfig, field_names: Sequence[str], vocab_sizes: Sequenc
         emb: nn.Module = MLETEmbeddingBagCollection(tables, MLETConfig(inner_dim=m.mlet.inner_dim,
                                                                        v_init_std=m.mlet.v_init_std),
                                                     device=torch.device("meta"))
-        apply_sparse_optimizer(emb.inner, cfg.sparse_optimizer)  # W_t are tables; V_t stay dense
+        apply_sparse_optimizer(emb.inner, cfg.sparse_optimizer, steps_per_epoch)  # W_t are tables; V_t stay dense
     else:
         emb = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-        apply_sparse_optimizer(emb, cfg.sparse_optimizer)
+        apply_sparse_optimizer(emb, cfg.sparse_optimizer, steps_per_epoch)
     common = dict(embedding_bag_collection=emb, dense_in_features=num_dense, dense_arch_layer_sizes=list(m.dense_arch),
                   over_arch_layer_sizes=list(m.over_arch), dense_device=device)
     if m.arch == "dlrm_dcn":

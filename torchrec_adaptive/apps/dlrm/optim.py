@@ -33,10 +33,13 @@ def sparse_optimizer_class(cfg: SparseOptimizerConfig) -> Any:
     raise ValueError(f"unknown sparse optimizer {cfg.name!r}")
 
 
-def apply_sparse_optimizer(tables: nn.Module, cfg: SparseOptimizerConfig) -> None:
+def apply_sparse_optimizer(tables: nn.Module, cfg: SparseOptimizerConfig, steps_per_epoch: int = 0) -> None:
+    """``steps_per_epoch``: what turns ``alpha_per_epoch`` into ``alpha`` (only needed with it)."""
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    apply_optimizer_in_backward(sparse_optimizer_class(cfg), tables.parameters(), dict(cfg.kwargs))
+    from .decay_units import per_step_kwargs
+
+    apply_optimizer_in_backward(sparse_optimizer_class(cfg), tables.parameters(), per_step_kwargs(cfg, steps_per_epoch))
 
 
 def dense_optimizer_factory(cfg: DenseOptimizerConfig) -> Callable[[Any], torch.optim.Optimizer]:

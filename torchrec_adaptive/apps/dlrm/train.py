@@ -218,7 +218,7 @@ class TrainRecipe:
     def setup_model(self) -> None:
         """DLRM sharded by DMP with our planner, its dense optimizer and, if configured, Helen."""
         cfg, meta = self.cfg, self.data.meta
-        model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, self.device)
+        model, _ = build_model(cfg, meta.field_names, meta.vocab_sizes, meta.num_dense, self.device, self.steps)
         self.model = shard(model, cfg, self.device)
         self.dense_opt = dense_optimizer(self.model, cfg.dense_optimizer)
         if cfg.helen is not None:
