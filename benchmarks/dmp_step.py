@@ -48,7 +48,7 @@ def _optimizers() -> dict[str, tuple[type, dict]]:
 
 def build(shape: Shape, cls: type, kwargs: dict) -> torch.nn.Module:
     import torch.distributed as dist
-    from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -82,8 +82,11 @@ def batches(shape: Shape, count: int):
 
 def kernels_of(model: torch.nn.Module) -> list[str]:
     """The TBE classes the sharded module really runs (FBGEMM's or ours)."""
-    ebc = model.module if hasattr(model, "module") else model
-    return sorted({type(emb).__name__ for lookup in ebc._lookups for emb in getattr(lookup, "module", lookup)._emb_modules})
+    from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
+
+    from torchrec_adaptive.distributed.shards import all_modules
+
+    return sorted({type(m).__name__ for m in all_modules(model) if isinstance(m, BaseBatchedEmbeddingBag)})
 
 
 def main(argv: list[str] | None = None) -> int:
