@@ -188,7 +188,7 @@ def main(argv: List[str] | None = None) -> int:
     for name, kinds in zip(CASES, reports[0][2]):
         print(f"  {name}: rank 0 runs {kinds}")
     assert reports[0][2][0] == ["BatchedFusedEmbeddingBag"], reports[0][2][0]
-    assert all(k == ["AdaptiveBatchedEmbeddingBag"] for k in reports[0][2][1:]), reports[0][2]
+    assert all(k == ["ShardedAdaptiveTBE"] for k in reports[0][2][1:]), reports[0][2]
     base = global_batch / statistics.median(per_case[0])
     results = []
     for name, ts in zip(CASES, per_case):

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         models = {name: build(shape, cls, kw) for name, (cls, kw) in cases.items()}
         kinds = {name: kernels_of(m) for name, m in models.items()}
         assert all(k == ["BatchedFusedEmbeddingBag"] for n, k in kinds.items() if n.startswith("stock")), kinds
-        assert all(k == ["AdaptiveBatchedEmbeddingBag"] for n, k in kinds.items() if n.startswith("ours")), kinds
+        assert all(k == ["ShardedAdaptiveTBE"] for n, k in kinds.items() if n.startswith("ours")), kinds
         data = batches(shape, 4)
         probe = torch.randn(shape.batch, shape.tables * shape.dim, generator=torch.Generator().manual_seed(1))
         info = machine.describe()

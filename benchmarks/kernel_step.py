@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import machine  # noqa: E402
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 
 @dataclass
@@ -140,7 +140,7 @@ def fbgemm_module(shape: Shape, optimizer: str, device: torch.device) -> torch.n
 def ours(shape: Shape, cls, kwargs, device: torch.device) -> torch.nn.Module:
     specs = [TableSpec(f"t{i}", shape.rows, shape.dim) for i in range(shape.tables)]
     # offsets are built by us and known-good; the check costs a host sync per step
-    return BatchedAdaptiveEmbeddingBag(specs, cls.rule_config(**kwargs), device=device, validate_offsets=False)
+    return AdaptiveTBE(specs, cls.rule_config(**kwargs), device=device, validate_offsets=False)
 
 
 FBGEMM_ADAM = "fbgemm ADAM"

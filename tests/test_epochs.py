@@ -8,7 +8,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, MEDAConfig, TableSpec, row_statistics, start_epoch
+from torchrec_adaptive import AdaptiveTBE, MEDAConfig, TableSpec, row_statistics, start_epoch
 from torchrec_adaptive.rules.transforms import scale_by_row_frequency
 
 ROWS, DIM = 50, 8
@@ -17,7 +17,7 @@ ROWS, DIM = 50, 8
 def kernel(rule=None, tables=None, **kw):
     torch.manual_seed(0)
     rule = rule or tra.AdamAR.rule_config(lr=0.05, alpha=0.01)
-    return BatchedAdaptiveEmbeddingBag(tables or [TableSpec("t", ROWS, DIM)], rule, **kw)
+    return AdaptiveTBE(tables or [TableSpec("t", ROWS, DIM)], rule, **kw)
 
 
 def train(k, steps=5, seed=0, hot=(1, 2, 3)):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.helen import Helen
 
 from .batches import zipf_batch
@@ -22,7 +22,7 @@ class Model(nn.Module):
     def __init__(self, rule, fused=True):
         super().__init__()
         torch.manual_seed(0)
-        self.emb = BatchedAdaptiveEmbeddingBag([TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))],
+        self.emb = AdaptiveTBE([TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))],
                                                rule, feature_table_map=FTM, fused=fused)
         assert (self.emb._fused is not None) == fused, "the Helen path under test was not the one used"
         self.head = nn.Linear(sum(DIMS[t] for t in FTM), 1)
@@ -131,6 +131,6 @@ def test_bad_arguments():
         Helen(m, None, xi=2.0)
     with pytest.raises(ValueError, match="no torchrec_adaptive embedding kernel"):
         Helen(nn.Linear(2, 2), None)
-    cw = BatchedAdaptiveEmbeddingBag([TableSpec("t#0", 10, 4, global_name="t", global_dim=8)], tra.Adam.rule_config())
+    cw = AdaptiveTBE([TableSpec("t#0", 10, 4, global_name="t", global_dim=8)], tra.Adam.rule_config())
     with pytest.raises(ValueError, match="column-wise"):
         Helen(cw, None)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .diagnostics import row_statistics
 from .epochs import EpochReport, MEDAConfig, start_epoch
-from .kernels import BatchedAdaptiveEmbeddingBag, TableSpec
+from .kernels import AdaptiveTBE, TableSpec
 from .rules import (Adam, AdamAR, AdamARConfig, AdamConfig, FALConfig, RowWiseAdagrad, RowWiseAdagradConfig,
                     RowWiseRMSpropAR, RowWiseRMSpropARConfig)
 
@@ -31,7 +31,7 @@ __all__ = [
     "AdamAR",
     "AdamARConfig",
     "AdamConfig",
-    "BatchedAdaptiveEmbeddingBag",
+    "AdaptiveTBE",
     "EpochReport",
     "MEDAConfig",
     "FALConfig",

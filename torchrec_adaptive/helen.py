@@ -12,7 +12,7 @@ One step, as METHODS.md states it:
 
 Two forward/backward passes per step. Embedding tables must run on torchrec_adaptive's
 kernel (``DistributedModelParallel`` with ``torchrec_adaptive.sharders()``, or a
-``BatchedAdaptiveEmbeddingBag`` directly). Column-wise sharded tables would normalize
+``AdaptiveTBE`` directly). Column-wise sharded tables would normalize
 g_r per column shard, so they are refused.
 """
 

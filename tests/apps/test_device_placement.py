@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from torchrec_adaptive import AdamAR, BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdamAR, AdaptiveTBE, TableSpec
 from torchrec_adaptive import diagnostics
 from torchrec_adaptive.apps.dlrm import evaluate as evaluate_mod
 from torchrec_adaptive.apps.dlrm.config import DenseOptimizerConfig, load_config
@@ -124,7 +124,7 @@ def test_row_statistics_stay_on_the_device_and_reduce_there(one_rank, monkeypatc
         out[0] = [*out[0], "elsewhere"]
 
     monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
-    kernel = BatchedAdaptiveEmbeddingBag([TableSpec("t", 50, 4)], AdamAR.rule_config(lr=0.01, alpha=1e-3),
+    kernel = AdaptiveTBE([TableSpec("t", 50, 4)], AdamAR.rule_config(lr=0.01, alpha=1e-3),
                                          device=DEVICE)
     stats = diagnostics.row_statistics(kernel)
     assert sorted(stats) == ["elsewhere", "t"]

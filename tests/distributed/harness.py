@@ -2,7 +2,7 @@
 
 Every rank builds the same EBC and data (fixed seeds), trains it sharded with
 DistributedModelParallel for ``steps`` steps on its half of each global batch, and
-trains a single-process reference (``BatchedAdaptiveEmbeddingBag`` over all tables,
+trains a single-process reference (``AdaptiveTBE`` over all tables,
 same rule) on the whole global batch. The loss is a per-rank mean, so with
 TorchRec's default gradient division (by world size) the sharded gradient equals the
 reference's global-mean gradient. Each rank then checks its own shards of the
@@ -36,7 +36,7 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-from torchrec_adaptive.kernels import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive.kernels import AdaptiveTBE, TableSpec
 from torchrec_adaptive.rules import config_from_optimizer
 
 WORLD_SIZE = 2
@@ -206,7 +206,7 @@ def train_and_compare(rank: int, sharding_type: str, opt_cls: type, opt_kwargs: 
     # Reference: one kernel over all tables, global batches.
     specs = [TableSpec(n, r, d) for n, r, d, _ in TABLES]
     ftm = [i for i, (_, _, _, fs) in enumerate(TABLES) for _ in fs]
-    ref = BatchedAdaptiveEmbeddingBag(specs, config_from_optimizer(opt_cls, dict(opt_kwargs)), feature_table_map=ftm)
+    ref = AdaptiveTBE(specs, config_from_optimizer(opt_cls, dict(opt_kwargs)), feature_table_map=ftm)
     with torch.no_grad():
         for (n, *_), w in zip(TABLES, ref.split_embedding_weights()):
             w.copy_(init[f"embedding_bags.{n}.weight"])
@@ -263,7 +263,7 @@ def assert_replicas_identical(model: nn.Module, tables: Sequence[str]) -> int:
     return n
 
 
-def check_against_reference(model: nn.Module, ref: BatchedAdaptiveEmbeddingBag, steps: int, tol: float,
+def check_against_reference(model: nn.Module, ref: AdaptiveTBE, steps: int, tol: float,
                             tables: Sequence[str] = tuple(n for n, *_ in TABLES), replicated: Collection[str] = (),
                             diffs: Optional[List[float]] = None) -> int:
     """Every local shard of the weights and of every optimizer state of ``model`` equals the
@@ -408,7 +408,7 @@ def pitfall_worker(rank: int) -> Dict[str, Any]:
     apply_optimizer_in_backward(ta.AdamAR, ebc.parameters(), {"lr": 1e-3, "alpha": 1e-3})
     model = DistributedModelParallel(Wrapper(ebc), env=env, device=cpu, sharders=sharders())
     kernels = _kernels_of(model)
-    assert all(k == "AdaptiveBatchedEmbeddingBag" for k, _ in kernels.values()), kernels
+    assert all(k == "ShardedAdaptiveTBE" for k, _ in kernels.values()), kernels
     loss = _train_steps(model, rank, 3)
     assert torch.isfinite(torch.tensor(loss))
     plain_plan = {n: ps.compute_kernel for n, ps in model.module.ebc.module_sharding_plan.items()}
@@ -421,7 +421,7 @@ def pitfall_worker(rank: int) -> Dict[str, Any]:
     for t in ("t0", "t1"):
         kind, fp = kernels.get(t, (None, {}))
         if kind is not None:  # tables placed on the other rank are checked there
-            assert kind == "AdaptiveBatchedEmbeddingBag", (t, kind)
+            assert kind == "ShardedAdaptiveTBE", (t, kind)
             rule = fp[ADAPTIVE_RULE_KEY]
             assert rule == ta.AdamAR.rule_config(lr=1e-3, alpha=1e-3), rule
     if "t2" in kernels:

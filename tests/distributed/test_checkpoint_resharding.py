@@ -83,12 +83,12 @@ def _train(model: nn.Module, batches: List[Any]) -> None:
         loss_of(model(kjt_for(lengths, ids, rank * per, (rank + 1) * per)), w_head).backward()
 
 
-def _reference(steps: int) -> ta.BatchedAdaptiveEmbeddingBag:
+def _reference(steps: int) -> ta.AdaptiveTBE:
     """The uninterrupted run: one kernel, all tables, global batches, from make_ebc()'s init."""
     init = make_ebc().state_dict()
     specs = [ta.TableSpec(n, r, d) for n, r, d, _ in TABLES]
     ftm = [i for i, (*_, fs) in enumerate(TABLES) for _ in fs]
-    ref = ta.BatchedAdaptiveEmbeddingBag(specs, ta.AdamAR.rule_config(**KWARGS), feature_table_map=ftm)
+    ref = ta.AdaptiveTBE(specs, ta.AdamAR.rule_config(**KWARGS), feature_table_map=ftm)
     with torch.no_grad():
         for (n, *_), w in zip(TABLES, ref.split_embedding_weights()):
             w.copy_(init[f"embedding_bags.{n}.weight"])

@@ -57,10 +57,10 @@ def _storages(tensors: Any) -> Set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
-def _our_kernels(model: nn.Module) -> List[ta.BatchedAdaptiveEmbeddingBag]:
+def _our_kernels(model: nn.Module) -> List[ta.AdaptiveTBE]:
     from torchrec_adaptive.epochs import all_modules
 
-    return [m for m in all_modules(model) if isinstance(m, ta.BatchedAdaptiveEmbeddingBag)]
+    return [m for m in all_modules(model) if isinstance(m, ta.AdaptiveTBE)]
 
 
 def _build(plan: Dict[str, Any], ours: List[str]) -> DistributedModelParallel:

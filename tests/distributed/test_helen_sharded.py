@@ -34,7 +34,7 @@ class _Ref(nn.Module):
 
 def helen_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
     import torchrec_adaptive as tra
-    from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+    from torchrec_adaptive import AdaptiveTBE, TableSpec
     from torchrec_adaptive.distributed import AdaptiveEmbeddingBagCollectionSharder, sharders
     from torchrec_adaptive.helen import Helen
 
@@ -51,7 +51,7 @@ def helen_worker(rank: int, sharding_type: str) -> Dict[str, Any]:
     model.load_state_dict({f"ebc.{k}": v for k, v in init.items()})
     specs = [TableSpec(n, r, d) for n, r, d, _ in TABLES]
     ftm = [i for i, (*_, fs) in enumerate(TABLES) for _ in fs]
-    ref = BatchedAdaptiveEmbeddingBag(specs, tra.AdamAR.rule_config(**kwargs), feature_table_map=ftm)
+    ref = AdaptiveTBE(specs, tra.AdamAR.rule_config(**kwargs), feature_table_map=ftm)
     with torch.no_grad():
         for (n, *_), w in zip(TABLES, ref.split_embedding_weights()):
             w.copy_(init[f"embedding_bags.{n}.weight"])

@@ -44,9 +44,9 @@ def _dmp(ebc: EmbeddingBagCollection, per_param: Dict[str, Any], **sharder_kw: A
 
 def _kernels(model: torch.nn.Module) -> List[Any]:
     from torchrec_adaptive.epochs import all_modules
-    from torchrec_adaptive.kernels import BatchedAdaptiveEmbeddingBag
+    from torchrec_adaptive.kernels import AdaptiveTBE
 
-    return [m for m in all_modules(model) if isinstance(m, BatchedAdaptiveEmbeddingBag)]
+    return [m for m in all_modules(model) if isinstance(m, AdaptiveTBE)]
 
 
 def _state(model: torch.nn.Module) -> List[Dict[str, Any]]:

@@ -61,11 +61,11 @@ def _plan(sharding_type: str, world: int) -> Dict[str, Any]:
 
 def _kernel_state(model: nn.Module) -> List[Dict[str, Any]]:
     from torchrec_adaptive.epochs import all_modules
-    from torchrec_adaptive.kernels import BatchedAdaptiveEmbeddingBag
+    from torchrec_adaptive.kernels import AdaptiveTBE
 
     return [{"weights": m.weights.detach().clone(), "step": m.optimizer_step,
              **{n: b.clone() for n, b in m.named_buffers()}}
-            for m in all_modules(model) if isinstance(m, BatchedAdaptiveEmbeddingBag)]
+            for m in all_modules(model) if isinstance(m, AdaptiveTBE)]
 
 
 def _sharded(sharding_type: str, world: int) -> DistributedModelParallel:

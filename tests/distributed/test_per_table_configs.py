@@ -42,7 +42,7 @@ def _references(configs: Dict[str, Any], init: Dict[str, torch.Tensor]) -> list:
     for tables in GROUPS:
         specs = [ta.TableSpec(n, r, d) for n, r, d, _ in TABLES if n in tables]
         ftm = [i for i, (n, *_, fs) in enumerate(t for t in TABLES if t[0] in tables) for _ in fs]
-        ref = ta.BatchedAdaptiveEmbeddingBag(specs, ta.AdamAR.rule_config(**configs[tables[0]]), feature_table_map=ftm)
+        ref = ta.AdaptiveTBE(specs, ta.AdamAR.rule_config(**configs[tables[0]]), feature_table_map=ftm)
         with torch.no_grad():
             for n, w in zip(tables, ref.split_embedding_weights()):
                 w.copy_(init[f"embedding_bags.{n}.weight"])
@@ -86,7 +86,7 @@ def per_table_worker(rank: int) -> Dict[str, Any]:
             for emb in getattr(lookup, "module", lookup)._emb_modules:
                 names = {t.name for t in emb.config.embedding_tables}
                 rule = emb.config.fused_params[ADAPTIVE_RULE_KEY]
-                assert type(emb).__name__ == "AdaptiveBatchedEmbeddingBag", type(emb)
+                assert type(emb).__name__ == "ShardedAdaptiveTBE", type(emb)
                 for n in names:
                     assert rule == ta.AdamAR.rule_config(**configs[n]), (sharding_type, n, rule)
                 assert names <= {"t0", "t1"} or names == {"t2"}, f"{sharding_type}: {names} share one kernel"

@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 import torchrec_adaptive as ta
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 from .harness import (
     BATCH_PER_RANK,
@@ -50,7 +50,7 @@ def test_slots_carry_fbgemms_names_first(cls, expected):
     """TorchRec names a table's first state momentum1: it must be the slot called so."""
     rule = cls.rule_config(lr=0.1)
     assert tuple(s.name for s in rule.build().slots()) == expected
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 5, 4)], rule)
+    k = AdaptiveTBE([TableSpec("t", 5, 4)], rule)
     assert tuple(k.get_optimizer_state()[0]) == expected
 
 
@@ -78,12 +78,12 @@ def test_unsharded_state_with_previous_names_loads(cls, kwargs, old):
 @pytest.mark.parametrize("cls,kwargs,old", RULES)
 def test_kernel_state_dict_with_previous_names_loads(cls, kwargs, old):
     rule = cls.rule_config(**kwargs)
-    a = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], rule)
+    a = AdaptiveTBE([TableSpec("t", 10, 4)], rule)
     a(torch.tensor([3, 3, 5]), torch.tensor([0, 2, 3])).sum().backward()
     saved = {(f"state_{old[k[6:]]}" if k.startswith("state_") and k[6:] in old else k): v
              for k, v in a.state_dict().items()}  # the kernel keeps slot s in the buffer state_<s>
     assert {f"state_{o}" for o in old.values()} <= set(saved)
-    b = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], rule)
+    b = AdaptiveTBE([TableSpec("t", 10, 4)], rule)
     b.load_state_dict(saved)  # strict
     for got, want in zip(b.get_optimizer_state(), a.get_optimizer_state()):
         assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 from ..batches import zipf_batch
 from ..reference import almost, relative
@@ -31,10 +31,10 @@ B = 64
 TOL = 1e-5
 
 
-def _kernel(rule, seed=0, pooling="sum", **kw) -> BatchedAdaptiveEmbeddingBag:
+def _kernel(rule, seed=0, pooling="sum", **kw) -> AdaptiveTBE:
     torch.manual_seed(seed)
     specs = [TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))]
-    k = BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=FTM, pooling=pooling, device="cuda", **kw)
+    k = AdaptiveTBE(specs, rule, feature_table_map=FTM, pooling=pooling, device="cuda", **kw)
     return k
 
 

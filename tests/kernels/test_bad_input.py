@@ -8,16 +8,16 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 
-def kernel(**kw) -> BatchedAdaptiveEmbeddingBag:
+def kernel(**kw) -> AdaptiveTBE:
     torch.manual_seed(0)
     tables = [TableSpec("users", 10, 4), TableSpec("items", 20, 8)]
-    return BatchedAdaptiveEmbeddingBag(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), **kw)
+    return AdaptiveTBE(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), **kw)
 
 
-def snapshot(k: BatchedAdaptiveEmbeddingBag):
+def snapshot(k: AdaptiveTBE):
     return (
         k.weights.detach().clone(),
         {n: b.clone() for n, b in k.named_buffers()},
@@ -147,14 +147,14 @@ def test_invalid_kernel_arguments():
     with pytest.raises(ValueError, match="num_rows must be > 0"):
         TableSpec("t", 0, 4)
     with pytest.raises(ValueError, match="unique"):
-        BatchedAdaptiveEmbeddingBag([TableSpec("t", 3, 4), TableSpec("t", 3, 4)], rule)
+        AdaptiveTBE([TableSpec("t", 3, 4), TableSpec("t", 3, 4)], rule)
     with pytest.raises(ValueError, match="feature_table_map names tables"):
-        BatchedAdaptiveEmbeddingBag([TableSpec("t", 3, 4)], rule, feature_table_map=[0, 1])
+        AdaptiveTBE([TableSpec("t", 3, 4)], rule, feature_table_map=[0, 1])
     with pytest.raises(ValueError, match="pooling"):
-        BatchedAdaptiveEmbeddingBag([TableSpec("t", 3, 4)], rule, pooling="max")
+        AdaptiveTBE([TableSpec("t", 3, 4)], rule, pooling="max")
     with pytest.raises(TypeError, match="RuleConfig"):
-        BatchedAdaptiveEmbeddingBag([TableSpec("t", 3, 4)], {"lr": 1.0})  # type: ignore[arg-type]
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 3, 4)], rule)
+        AdaptiveTBE([TableSpec("t", 3, 4)], {"lr": 1.0})  # type: ignore[arg-type]
+    k = AdaptiveTBE([TableSpec("t", 3, 4)], rule)
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         k.update_hyper_parameters({"alpha": 0.1})
     with pytest.raises(ValueError, match=r"betas\[0\] must be in"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.kernels import cpu_isa, fused_cpu
 from torchrec_adaptive.kernels.batched import GroupLookups
 
@@ -40,7 +40,7 @@ def test_a_variant_this_cpu_cannot_run_is_refused(monkeypatch, aten, env, match)
     with pytest.raises(ValueError, match=match):
         cpu_isa.selected()
     with pytest.raises(ValueError, match=match):  # a kernel is refused when it plans its update, naming the variable
-        k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.Adam.rule_config())
+        k = AdaptiveTBE([TableSpec("t", 10, 4)], tra.Adam.rule_config())
         k(torch.tensor([1, 2]), torch.tensor([0, 2]))
 
 
@@ -65,7 +65,7 @@ def test_every_runnable_variant_equals_the_eager_chain(monkeypatch, isa, cls, kw
 
     def make(fused):
         torch.manual_seed(0)
-        return BatchedAdaptiveEmbeddingBag(tables, cls.rule_config(**kw), feature_table_map=[0, 1, 0], fused=fused,
+        return AdaptiveTBE(tables, cls.rule_config(**kw), feature_table_map=[0, 1, 0], fused=fused,
                                            pooling=pooling)
 
     fused, eager = make(True), make(False)
@@ -90,9 +90,9 @@ def test_every_runnable_variant_equals_the_eager_chain(monkeypatch, isa, cls, kw
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
 def test_one_pass_grouping_equals_sort_and_unique(pooling, weighted):
     """coalesce_lookups (radix sort by row, counts, bags, weights) against the torch ops
-    of BatchedAdaptiveEmbeddingBag._sorted_lookups, with empty bags and rows over 2^11
+    of AdaptiveTBE._sorted_lookups, with empty bags and rows over 2^11
     (two radix digits); the workspace is reused across calls of different sizes."""
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 5000, 4)], tra.Adam.rule_config(), pooling=pooling)
+    k = AdaptiveTBE([TableSpec("t", 5000, 4)], tra.Adam.rule_config(), pooling=pooling)
     assert k._fused is not None
     g = torch.Generator().manual_seed(0)
     for bags in (40, 7, 300):
@@ -116,7 +116,7 @@ def test_one_pass_grouping_equals_sort_and_unique(pooling, weighted):
 
 
 def test_out_of_range_row_is_refused_by_the_grouping_pass():
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 50, 4)], tra.Adam.rule_config())
+    k = AdaptiveTBE([TableSpec("t", 50, 4)], tra.Adam.rule_config())
     off = torch.tensor([0, 2])
     with pytest.raises(RuntimeError, match="row 50 of lookup 1 is outside the group's 50 rows"):
         k._fused.coalesce(torch.tensor([3, 50]), off, None, "sum", 50, torch.zeros(1, 4))
@@ -129,7 +129,7 @@ def test_without_a_build_or_compiler_the_eager_chain_runs_with_a_warning(monkeyp
     monkeypatch.setattr(fused_cpu, "_prebuilt", lambda isa: None)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler \('/nonexistent/c\+\+'.*eager chain.*2-3x as long"):
-        k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.Adam.rule_config())
+        k = AdaptiveTBE([TableSpec("t", 10, 4)], tra.Adam.rule_config())
         k(torch.tensor([1, 2]), torch.tensor([0, 2])).sum().backward()
         assert k._fused is None
     assert k.optimizer_step == 1

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 
 @pytest.mark.parametrize("tables", [[TableSpec("a", 10, 4)], [TableSpec("a", 10, 4), TableSpec("b", 12, 8)]],
                          ids=["one-dim-group", "two-dim-groups"])
 @pytest.mark.parametrize("fused", [True, False])
 def test_an_empty_batch_changes_nothing(tables, fused):
-    k = BatchedAdaptiveEmbeddingBag(tables, tra.AdamAR.rule_config(lr=0.1), fused=fused)
+    k = AdaptiveTBE(tables, tra.AdamAR.rule_config(lr=0.1), fused=fused)
     before = {"w": k.weights.detach().clone(), **{n: b.clone() for n, b in k.named_buffers()}}
     out = k(torch.empty(0, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     assert out.shape == (0, sum(t.dim for t in tables))
@@ -39,7 +39,7 @@ def test_a_string_for_a_number_names_the_parameter(kwargs, name):
 
 
 def test_set_learning_rate_refuses_a_string():
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("a", 10, 4)], tra.Adam.rule_config())
+    k = AdaptiveTBE([TableSpec("a", 10, 4)], tra.Adam.rule_config())
     with pytest.raises(TypeError, match="learning rate must be a number"):
         k.set_learning_rate("1e-3")  # type: ignore[arg-type]
     assert k.get_learning_rate() == 1e-3

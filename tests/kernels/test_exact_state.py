@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.kernels.reinit import hashed_uniform, table_salt
 
 IDX = torch.tensor([3, 3, 5])
@@ -21,7 +21,7 @@ OFF = torch.tensor([0, 2, 3])  # one feature, batch 2: row 3 twice, row 5 once
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_counts_stay_exact_past_float32(fused):
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.AdamAR.rule_config(lr=0.01), fused=fused)
+    k = AdaptiveTBE([TableSpec("t", 10, 4)], tra.AdamAR.rule_config(lr=0.01), fused=fused)
     counts = k.get_optimizer_state()[0]["row_count"]
     counts[5] = 2.0**24  # row 5 occurs once per batch: float32 would stay at 2^24
     k(IDX, OFF).sum().backward()
@@ -42,11 +42,11 @@ def test_unsharded_front_end_counts_in_float64():
 
 def test_state_with_float32_counts_still_loads():
     rule = tra.AdamAR.rule_config(lr=0.01)
-    a = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], rule)
+    a = AdaptiveTBE([TableSpec("t", 10, 4)], rule)
     a(IDX, OFF).sum().backward()
     old = {n: (v.float() if n == "state_row_count" else v) for n, v in a.state_dict().items()}
     assert old["state_row_count"].dtype == torch.float32  # what a checkpoint of the old code holds
-    b = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], rule)
+    b = AdaptiveTBE([TableSpec("t", 10, 4)], rule)
     b.load_state_dict(old)
     got = b.get_optimizer_state()[0]["row_count"]
     assert got.dtype == torch.float64 and got.tolist() == a.get_optimizer_state()[0]["row_count"].tolist()
@@ -86,7 +86,7 @@ def test_fbgemm_interval_shrinks_with_the_optimizer_lr(fused):
     lr, alpha = 0.01, 1.0
     rule = tra.AdamAR.rule_config(lr=lr, alpha=alpha, interval="fbgemm", eps=1e30, lr_multiplier=10.0,
                                   fal_tau=1000.0)  # FAL: m_r = c_r / 1000
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4, lr_multiplier=2.0)], rule, fused=fused)
+    k = AdaptiveTBE([TableSpec("t", 10, 4, lr_multiplier=2.0)], rule, fused=fused)
     before = k.split_embedding_weights()[0].clone()
     k(IDX, OFF).sum().backward()
     after = k.split_embedding_weights()[0]

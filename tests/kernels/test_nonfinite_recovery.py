@@ -14,20 +14,20 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.kernels.batched import raise_refused_steps
 
 IDX = torch.tensor([1, 2, 3, 4, 5])
 OFF = torch.tensor([0, 1, 2, 4, 5])  # features users, items; batch 2
 
 
-def kernel(name: str = "users", **kw) -> BatchedAdaptiveEmbeddingBag:
+def kernel(name: str = "users", **kw) -> AdaptiveTBE:
     torch.manual_seed(0)
     tables = [TableSpec(name, 10, 4), TableSpec(name + "_items", 20, 8)]
-    return BatchedAdaptiveEmbeddingBag(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), **kw)
+    return AdaptiveTBE(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), **kw)
 
 
-def state_of(k: BatchedAdaptiveEmbeddingBag) -> dict[str, torch.Tensor]:
+def state_of(k: AdaptiveTBE) -> dict[str, torch.Tensor]:
     return {"weights": k.weights.detach().clone(), **{n: b.clone() for n, b in k.named_buffers()}}
 
 

@@ -10,7 +10,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.kernels import cpu_isa
 
 from ..batches import zipf_batch
@@ -47,11 +47,11 @@ def update_path(request, monkeypatch):
     yield
 
 
-def make_kernel(rule, pooling="sum", seed=0, ftm=FTM, kappas=None, **kw) -> BatchedAdaptiveEmbeddingBag:
+def make_kernel(rule, pooling="sum", seed=0, ftm=FTM, kappas=None, **kw) -> AdaptiveTBE:
     torch.manual_seed(seed)
     kappas = kappas or [1.0] * len(ROWS)
     specs = [TableSpec(f"t{i}", n, d, lr_multiplier=kap) for i, (n, d, kap) in enumerate(zip(ROWS, DIMS, kappas))]
-    k = BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=ftm, pooling=pooling, fused=_PATH["fused"], **kw)
+    k = AdaptiveTBE(specs, rule, feature_table_map=ftm, pooling=pooling, fused=_PATH["fused"], **kw)
     assert (k._fused is not None) == _PATH["fused"], "the update path under test was not the one used"
     assert k._fused is None or k._fused.isa == _PATH["isa"], "the CPU build under test was not the one used"
     return k
@@ -263,7 +263,7 @@ def test_adamar_decays_a_skipped_row_exactly():
     """A row touched at steps 1 and 1+I+1 is decayed by exactly min(1, alpha I) or (1-alpha)^I."""
     for decay, expect in [("linear", lambda a, i: 1 - min(1.0, a * i)), ("exponential", lambda a, i: (1 - a) ** i)]:
         alpha, skipped = 0.03, 7
-        k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 10, 4)], tra.AdamAR.rule_config(lr=0.0, alpha=alpha, decay=decay),
+        k = AdaptiveTBE([TableSpec("t", 10, 4)], tra.AdamAR.rule_config(lr=0.0, alpha=alpha, decay=decay),
                                         fused=_PATH["fused"])
         assert (k._fused is not None) == _PATH["fused"], "the update path under test was not the one used"
         w0 = k.split_embedding_weights()[0][3].clone()

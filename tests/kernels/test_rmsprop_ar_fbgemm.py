@@ -23,7 +23,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice
 from torch import Tensor
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 from ..batches import zipf_batch
 from ..reference import almost
@@ -102,10 +102,10 @@ def _loss(out: Tensor, target: Tensor) -> Tensor:
     return 0.5 * ((out - target) ** 2).sum()
 
 
-def _ours(kwargs: dict, pooling: str, fused: bool = False) -> BatchedAdaptiveEmbeddingBag:
+def _ours(kwargs: dict, pooling: str, fused: bool = False) -> AdaptiveTBE:
     torch.manual_seed(0)
     specs = [TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))]
-    k = BatchedAdaptiveEmbeddingBag(specs, tra.RowWiseRMSpropAR.rule_config(**kwargs), feature_table_map=FTM,
+    k = AdaptiveTBE(specs, tra.RowWiseRMSpropAR.rule_config(**kwargs), feature_table_map=FTM,
                                     pooling=pooling, fused=fused)
     assert (k._fused is not None) == fused, "the update path under test was not the one used"
     return k

@@ -24,7 +24,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
 
 import torchrec_adaptive as tra  # noqa: E402
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec  # noqa: E402
+from torchrec_adaptive import AdaptiveTBE, TableSpec  # noqa: E402
 
 # Ops that make the host wait for the device: reading a value (item, bool, int), or an
 # output whose size depends on the data.
@@ -76,7 +76,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.arange(0, idx.numel() + 1, 2)  # 2 IDs per bag
 
 
-def step_syncs(k: BatchedAdaptiveEmbeddingBag, step: int) -> list[str]:
+def step_syncs(k: AdaptiveTBE, step: int) -> list[str]:
     idx, off = batch(step)
     g = torch.Generator().manual_seed(100 + step)
     target = torch.randn(B, sum(t.dim for t in k.layout.tables), generator=g)
@@ -89,7 +89,7 @@ def step_syncs(k: BatchedAdaptiveEmbeddingBag, step: int) -> list[str]:
 @pytest.mark.parametrize("tables,pooling", [(TABLES, "sum"), (MIXED, "mean")], ids=["one_dim_group", "two_dim_groups"])
 @pytest.mark.parametrize("name", list(RULES))
 def test_no_host_sync_in_a_steady_state_step(name, tables, pooling):
-    k = BatchedAdaptiveEmbeddingBag(tables, RULES[name], backend="triton", pooling=pooling)
+    k = AdaptiveTBE(tables, RULES[name], backend="triton", pooling=pooling)
     assert k.update_path().backend == "triton"
     for s in range(1, 3):  # warm-up (the first step plans the path)
         step_syncs(k, s)
@@ -100,16 +100,16 @@ def test_no_host_sync_in_a_steady_state_step(name, tables, pooling):
 
 def test_the_counter_sees_the_host_path_syncs():
     """The count can fail: the eager path (host checks, unique_consecutive) syncs."""
-    k = BatchedAdaptiveEmbeddingBag(TABLES, RULES["adamar_linear"], backend="eager")
+    k = AdaptiveTBE(TABLES, RULES["adamar_linear"], backend="eager")
     step_syncs(k, 1)
     seen = step_syncs(k, 2)
     assert any("_local_scalar_dense" in s for s in seen) and any("unique_consecutive" in s for s in seen), seen
 
 
-def kernel(items_dim=4, **kw) -> BatchedAdaptiveEmbeddingBag:
+def kernel(items_dim=4, **kw) -> AdaptiveTBE:
     torch.manual_seed(0)
     tables = [TableSpec("users", 10, 4), TableSpec("items", 20, items_dim)]
-    return BatchedAdaptiveEmbeddingBag(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), backend="triton", **kw)
+    return AdaptiveTBE(tables, tra.AdamAR.rule_config(lr=0.1, alpha=0.01), backend="triton", **kw)
 
 
 GOOD_IDX = torch.tensor([1, 2, 3, 4, 5])

@@ -27,7 +27,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
 
 import torchrec_adaptive as tra  # noqa: E402
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec  # noqa: E402
+from torchrec_adaptive import AdaptiveTBE, TableSpec  # noqa: E402
 from torchrec_adaptive.kernels.inputs import KernelOptions  # noqa: E402
 
 from . import test_parity as parity  # noqa: E402
@@ -54,7 +54,7 @@ def triton_parity(monkeypatch):
         kappas = kappas or [1.0] * len(parity.ROWS)
         specs = [TableSpec(f"t{i}", n, d, lr_multiplier=kap)
                  for i, (n, d, kap) in enumerate(zip(parity.ROWS, parity.DIMS, kappas))]
-        k = BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=ftm, pooling=pooling, backend="triton", **kw)
+        k = AdaptiveTBE(specs, rule, feature_table_map=ftm, pooling=pooling, backend="triton", **kw)
         assert k.update_path().backend == "triton", "the update path under test was not the one used"
         return k
 
@@ -97,12 +97,12 @@ def test_fbgemm_interval_with_fal_and_kappa_matches_fbgemm_semantics(triton_pari
 ROWS, DIMS, FTM = [60, 30, 90], [8, 4, 8], [0, 1, 2, 0]
 
 
-def _pair(rule, **kw) -> list[BatchedAdaptiveEmbeddingBag]:
+def _pair(rule, **kw) -> list[AdaptiveTBE]:
     out = []
     for backend in ("eager", "triton"):
         torch.manual_seed(0)
         specs = [TableSpec(f"t{i}", n, d, lr_multiplier=1.0 + i) for i, (n, d) in enumerate(zip(ROWS, DIMS))]
-        out.append(BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=FTM, backend=backend, **kw))
+        out.append(AdaptiveTBE(specs, rule, feature_table_map=FTM, backend=backend, **kw))
     return out
 
 
@@ -154,8 +154,8 @@ def test_backend_option_is_validated_and_chosen_by_device():
     with pytest.raises(ValueError, match="sync_check_interval"):
         KernelOptions(sync_check_interval=0)
     with pytest.raises(ValueError, match="backend must be one of"):
-        BatchedAdaptiveEmbeddingBag([TableSpec("t", 4, 4)], tra.Adam.rule_config(), backend="cuda")
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 4, 4)], tra.Adam.rule_config())
+        AdaptiveTBE([TableSpec("t", 4, 4)], tra.Adam.rule_config(), backend="cuda")
+    k = AdaptiveTBE([TableSpec("t", 4, 4)], tra.Adam.rule_config())
     assert k.update_path().backend == "cpu"  # the default on CPU
     k.double()  # the path is planned per device and dtype at each step, not once in __init__
     assert k.update_path().backend == "eager"
@@ -164,14 +164,14 @@ def test_backend_option_is_validated_and_chosen_by_device():
 
 
 def test_a_backend_that_cannot_run_falls_back_to_eager_with_a_warning():
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 4, 4)], tra.Adam.rule_config(), backend="triton").double()
+    k = AdaptiveTBE([TableSpec("t", 4, 4)], tra.Adam.rule_config(), backend="triton").double()
     with pytest.warns(RuntimeWarning, match=r"'triton' backend cannot run Adam.*float64.*eager chain.*host syncs"):
         assert k.update_path().backend == "eager"
 
 
 def test_cpu_backend_without_interpreter_is_refused_for_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("t", 4, 4)], tra.Adam.rule_config(), backend="triton")
+    k = AdaptiveTBE([TableSpec("t", 4, 4)], tra.Adam.rule_config(), backend="triton")
     with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
         assert k.update_path().backend == "eager"
     assert os.environ.get("TRITON_INTERPRET") is None

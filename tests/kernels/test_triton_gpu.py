@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu,
 _SCRIPT = r'''
 import json, torch
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 
 ROWS, DIMS, FTM, B = [1000, 500, 2000, 300], [16, 8, 16, 4], [0, 1, 2, 3, 0], 256
 RULES = {
@@ -42,7 +42,7 @@ RULES = {
 def kernel(rule, backend, pooling):
     torch.manual_seed(0)
     specs = [TableSpec(f"t{i}", n, d, lr_multiplier=1.0 + i / 2) for i, (n, d) in enumerate(zip(ROWS, DIMS))]
-    return BatchedAdaptiveEmbeddingBag(specs, rule, feature_table_map=FTM, pooling=pooling, backend=backend,
+    return AdaptiveTBE(specs, rule, feature_table_map=FTM, pooling=pooling, backend=backend,
                                        device="cuda")
 
 def batch(g, pooling):

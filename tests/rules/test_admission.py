@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.rules.transforms import COUNT
 
 from ..batches import zipf_batch
@@ -94,7 +94,7 @@ RULES = {
 def test_admission_matches_dense_reference(rule: str, fused: bool) -> None:
     cls, kwargs, make_ref = RULES[rule]
     torch.manual_seed(0)
-    kernel = BatchedAdaptiveEmbeddingBag([TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))],
+    kernel = AdaptiveTBE([TableSpec(f"t{i}", n, d) for i, (n, d) in enumerate(zip(ROWS, DIMS))],
                                          cls.rule_config(**kwargs, admit_min_count=MIN), feature_table_map=FTM,
                                          fused=fused)
     assert (kernel._fused is not None) == fused, "the update path under test was not the one used"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.rules import FALConfig
 
 RULES = [
@@ -26,7 +26,7 @@ IDS = [f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(RULES)]
 
 def _kernel(cls, kw, ftm=(0, 0)):
     torch.manual_seed(0)
-    return BatchedAdaptiveEmbeddingBag([TableSpec("t", 50, 8)], cls.rule_config(**kw), feature_table_map=list(ftm))
+    return AdaptiveTBE([TableSpec("t", 50, 8)], cls.rule_config(**kw), feature_table_map=list(ftm))
 
 
 @pytest.mark.parametrize("cls,kw,slots", RULES, ids=IDS)
@@ -94,7 +94,7 @@ def test_unsharded_torch_optimizer_equals_kernel(cls, kw, slots):
 
 
 def test_fal_ratio_threshold_is_a_quantile_of_the_table_counts():
-    k = BatchedAdaptiveEmbeddingBag([TableSpec("a", 10, 2), TableSpec("b", 10, 2)],
+    k = AdaptiveTBE([TableSpec("a", 10, 2), TableSpec("b", 10, 2)],
                                     tra.Adam.rule_config(fal_tau=0.5, fal_tau_is_ratio=True))
     counts = k.get_optimizer_state()
     counts[0]["row_count"][:4] = torch.tensor([1.0, 2.0, 3.0, 10.0])
@@ -142,7 +142,7 @@ def test_fused_cpu_update_equals_eager_chain(cls, kw, slots):
 
     def make(fused):
         torch.manual_seed(0)
-        return BatchedAdaptiveEmbeddingBag(tables, cls.rule_config(**kw), feature_table_map=[0, 1, 0], fused=fused)
+        return AdaptiveTBE(tables, cls.rule_config(**kw), feature_table_map=[0, 1, 0], fused=fused)
 
     fused, eager = make(True), make(False)
     assert fused._fused is not None and eager._fused is None

@@ -15,7 +15,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimi
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 import torchrec_adaptive as tra
-from torchrec_adaptive import BatchedAdaptiveEmbeddingBag, TableSpec
+from torchrec_adaptive import AdaptiveTBE, TableSpec
 from torchrec_adaptive.rules import occurrences
 
 ROWS, DIM = 30, 4
@@ -47,7 +47,7 @@ def _batches(steps: int, weighted: bool):
 def test_unsharded_ebc_equals_kernel_counts_included(weighted, pooling):
     ebc = _ebc(weighted, pooling)
     apply_optimizer_in_backward(tra.AdamAR, ebc.parameters(), dict(KW))
-    ref = BatchedAdaptiveEmbeddingBag([TableSpec("a", ROWS, DIM), TableSpec("b", ROWS, DIM)],
+    ref = AdaptiveTBE([TableSpec("a", ROWS, DIM), TableSpec("b", ROWS, DIM)],
                                       tra.AdamAR.rule_config(**KW), feature_table_map=[0, 0, 1], pooling=pooling)
     with torch.no_grad():
         for n, w in zip("ab", ref.split_embedding_weights()):

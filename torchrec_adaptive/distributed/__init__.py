@@ -64,7 +64,7 @@ from .embeddingbag import (
     adaptive_table_names,
     sharders,
 )
-from .kernel import ADAPTIVE_RULE_KEY, AdaptiveBatchedEmbeddingBag, AdaptiveFusedOptimizer
+from .kernel import ADAPTIVE_RULE_KEY, ShardedAdaptiveTBE, AdaptiveFusedOptimizer
 from .planner import (
     AdaptiveKernelEstimator,
     adaptive_constraints,
@@ -78,7 +78,7 @@ from .replicated import DataParallelReplicas, ReplicatedLookup
 
 __all__ = [
     "ADAPTIVE_RULE_KEY",
-    "AdaptiveBatchedEmbeddingBag",
+    "ShardedAdaptiveTBE",
     "AdaptiveEmbeddingBagCollectionSharder",
     "AdaptiveFusedOptimizer",
     "AdaptiveKernelEstimator",

@@ -5,9 +5,9 @@ and ``embedding_lookup.py``). TorchRec builds one kernel module per group of
 tables that share compute kernel, pooling and fused params; for
 ``EmbeddingComputeKernel.CUSTOMIZED_KERNEL`` its stock lookup raises, so
 :class:`AdaptiveGroupedPooledEmbeddingsLookup` builds
-:class:`AdaptiveBatchedEmbeddingBag` there and defers every other kernel to TorchRec.
+:class:`ShardedAdaptiveTBE` there and defers every other kernel to TorchRec.
 
-:class:`AdaptiveBatchedEmbeddingBag` is shaped like TorchRec's
+:class:`ShardedAdaptiveTBE` is shaped like TorchRec's
 ``BatchedFusedEmbeddingBag`` (a ``BaseBatchedEmbeddingBag`` + ``FusedOptimizerModule``)
 so that the rest of TorchRec (state_dict as ShardedTensors, ``fused_optimizer``,
 ``named_parameters_by_table``) treats it the same way as FBGEMM's TBE.
@@ -34,7 +34,7 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptim
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
 
-from ..kernels.batched import BatchedAdaptiveEmbeddingBag
+from ..kernels.batched import AdaptiveTBE
 from ..kernels.inputs import KernelOptions
 from ..kernels.layout import TableSpec
 from ..rules.configs import RuleConfig
@@ -86,7 +86,7 @@ class OptimizerStep:
     checkpoint has no such entry: ``checkpoint.load(..., from_stock=True)``.)
     """
 
-    def __init__(self, module: BatchedAdaptiveEmbeddingBag, table: str) -> None:
+    def __init__(self, module: AdaptiveTBE, table: str) -> None:
         self._module = module
         self._table = table
 
@@ -134,7 +134,7 @@ class AdaptiveFusedOptimizer(EmbeddingFusedOptimizer):
     on it, so each table gets ``<table>.optimizer_step`` (identical on every rank).
     """
 
-    def __init__(self, config: GroupedEmbeddingConfig, emb_module: BatchedAdaptiveEmbeddingBag,
+    def __init__(self, config: GroupedEmbeddingConfig, emb_module: AdaptiveTBE,
                  pg: Optional[dist.ProcessGroup] = None, **kwargs: Any) -> None:
         super().__init__(config, emb_module, pg, **kwargs)  # type: ignore[arg-type]
         self._adaptive_module = emb_module
@@ -165,7 +165,7 @@ class ReplicatedFusedOptimizer(FusedOptimizer):
     TorchRec's own data-parallel weights (DCP writes a replicated tensor once).
     """
 
-    def __init__(self, config: GroupedEmbeddingConfig, emb_module: BatchedAdaptiveEmbeddingBag,
+    def __init__(self, config: GroupedEmbeddingConfig, emb_module: AdaptiveTBE,
                  create_for_table: Optional[str] = None, param_weight_for_table: Optional[torch.Tensor] = None) -> None:
         self._adaptive_module = emb_module
         params: Dict[str, torch.Tensor] = {}
@@ -203,8 +203,8 @@ def _pooling(mode: PoolingMode) -> str:
     raise ValueError(f"torchrec_adaptive's kernel pools with sum or mean, got {mode}")
 
 
-class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOptimizerModule):
-    """One group of table shards on one rank, run by ``BatchedAdaptiveEmbeddingBag``.
+class ShardedAdaptiveTBE(BaseBatchedEmbeddingBag[torch.Tensor], FusedOptimizerModule):
+    """One group of table shards on one rank, run by ``AdaptiveTBE``.
 
     Mirrors torchrec 1.8.0's ``BatchedFusedEmbeddingBag``: the flat weight buffer is
     exposed per table (``named_parameters_by_table``) as ``TableBatchedEmbeddingSlice``
@@ -239,7 +239,7 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
                                    init_bounds=(float(lo), float(hi))))
 
         options = options_of(config)
-        self._adaptive_kernel: BatchedAdaptiveEmbeddingBag = BatchedAdaptiveEmbeddingBag(
+        self._adaptive_kernel: AdaptiveTBE = AdaptiveTBE(
             specs, rule_of(config), feature_table_map=feature_table_map,
             pooling=_pooling(pooling_type_to_pooling_mode(config.pooling, sharding_type)), device=device,
             **options.kernel_kwargs(),
@@ -258,7 +258,7 @@ class AdaptiveBatchedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOp
                                       param_weight_for_table=weight)
 
     @property
-    def emb_module(self) -> BatchedAdaptiveEmbeddingBag:  # type: ignore[override]
+    def emb_module(self) -> AdaptiveTBE:  # type: ignore[override]
         return self._adaptive_kernel
 
     @property
@@ -318,13 +318,13 @@ class AdaptiveGroupedPooledEmbeddingsLookup(GroupedLookupHooks):
 
     def create_customized_kernel(self, config: GroupedEmbeddingConfig, device: Optional[torch.device],
                                  pg: Optional[dist.ProcessGroup], sharding_type: Optional[ShardingType]) -> nn.Module:
-        return AdaptiveBatchedEmbeddingBag(config=config, pg=pg, device=device, sharding_type=sharding_type)
+        return ShardedAdaptiveTBE(config=config, pg=pg, device=device, sharding_type=sharding_type)
 
 
 __all__ = [
     "ADAPTIVE_OPTIONS_KEY",
     "ADAPTIVE_RULE_KEY",
-    "AdaptiveBatchedEmbeddingBag",
+    "ShardedAdaptiveTBE",
     "AdaptiveFusedOptimizer",
     "AdaptiveGroupedPooledEmbeddingsLookup",
     "ReplicatedFusedOptimizer",

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torchrec.distributed.comm_ops import get_gradient_division
 
-from ..kernels.batched import BatchedAdaptiveEmbeddingBag, GroupBatch, GroupLookups
+from ..kernels.batched import AdaptiveTBE, GroupBatch, GroupLookups
 
 
 def _all_gather_padded(t: Tensor, sizes: Sequence[int], group: Optional[dist.ProcessGroup]) -> List[Tensor]:
@@ -149,9 +149,9 @@ class ReplicatedLookup(nn.Module):
             return getattr(super().__getattr__("module"), name)
 
 
-def replicas_of(lookup: nn.Module) -> List[BatchedAdaptiveEmbeddingBag]:
+def replicas_of(lookup: nn.Module) -> List[AdaptiveTBE]:
     """Our kernels in a lookup that run as data-parallel replicas."""
-    return [m for m in lookup.modules() if isinstance(m, BatchedAdaptiveEmbeddingBag) and m.replicas is not None]
+    return [m for m in lookup.modules() if isinstance(m, AdaptiveTBE) and m.replicas is not None]
 
 
 def ddp_names_of_replicas(lookup: nn.Module) -> Set[str]:

@@ -1,7 +1,7 @@
 """The one walk over a model's embedding tables, for MEDA (epochs.py), diagnostics and Helen.
 
 A table shard lives in one of three places, and each consumer used to find them its own
-way: our fused kernel (``BatchedAdaptiveEmbeddingBag``, sharded or not), TorchRec's stock
+way: our fused kernel (``AdaptiveTBE``, sharded or not), TorchRec's stock
 FBGEMM fused kernels (``BaseBatchedEmbeddingBag``), and unsharded
 ``EmbeddingBagCollection`` tables trained by optimizers applied in backward. TorchRec keeps
 a sharded module's lookups in a plain list, so ``model.modules()`` alone misses them;
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from ..kernels.batched import BatchedAdaptiveEmbeddingBag
+from ..kernels.batched import AdaptiveTBE
 from ..rules.optimizers import AdaptiveRowOptimizer
 from ..rules.slot_names import COUNT, LAST_STEP
 from ._torchrec_compat import in_backward_optimizers, sharded_lookups
@@ -34,7 +34,7 @@ class TableShard:
     bounds: Tuple[float, float]
     states: List[Tuple[Tensor, float]]  # per-row or per-element optimizer state and its reset value
     counts: Optional[Tensor]  # c_r, when the optimizer keeps it
-    kernel: Optional[BatchedAdaptiveEmbeddingBag] = None  # our kernel (it re-initializes its own rows)
+    kernel: Optional[AdaptiveTBE] = None  # our kernel (it re-initializes its own rows)
     kernel_table: int = -1
 
 
@@ -51,9 +51,9 @@ def all_modules(model: nn.Module) -> Iterator[nn.Module]:
             stack.extend(sharded_lookups(m))
 
 
-def adaptive_kernels(model: nn.Module) -> List[BatchedAdaptiveEmbeddingBag]:
+def adaptive_kernels(model: nn.Module) -> List[AdaptiveTBE]:
     """Every one of our fused kernels in ``model`` (sharded or not)."""
-    return [m for m in all_modules(model) if isinstance(m, BatchedAdaptiveEmbeddingBag)]
+    return [m for m in all_modules(model) if isinstance(m, AdaptiveTBE)]
 
 
 def adaptive_row_optimizers(model: nn.Module) -> Iterator[Tuple[nn.Parameter, AdaptiveRowOptimizer]]:
@@ -82,7 +82,7 @@ def _stock_fused_shards(model: nn.Module) -> Iterator[TableShard]:
     """Tables on TorchRec's FBGEMM fused kernels (``BatchedFusedEmbeddingBag``)."""
     for m in all_modules(model):
         if not isinstance(m, BaseBatchedEmbeddingBag) or isinstance(getattr(m, "emb_module", None),
-                                                                     BatchedAdaptiveEmbeddingBag):
+                                                                     AdaptiveTBE):
             continue
         emb: Any = m.emb_module
         if not hasattr(emb, "get_optimizer_state"):

@@ -1,7 +1,7 @@
 """The fused table-batched embedding kernel (pure torch; no torchrec import)."""
 
-from .batched import BatchedAdaptiveEmbeddingBag, default_weights_init, raise_refused_steps
+from .batched import AdaptiveTBE, default_weights_init, raise_refused_steps
 from .inputs import KernelOptions
 from .layout import TableSpec
 
-__all__ = ["BatchedAdaptiveEmbeddingBag", "KernelOptions", "TableSpec", "default_weights_init", "raise_refused_steps"]
+__all__ = ["AdaptiveTBE", "KernelOptions", "TableSpec", "default_weights_init", "raise_refused_steps"]

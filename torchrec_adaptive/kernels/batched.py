@@ -1,4 +1,4 @@
-"""``BatchedAdaptiveEmbeddingBag``: a table-batched embedding bag whose backward
+"""``AdaptiveTBE``: a table-batched embedding bag whose backward
 applies the optimizer in place on the touched rows ("fused", as FBGEMM's TBE).
 
 Why our own kernel: FBGEMM's fused optimizers are a fixed, code-generated list
@@ -154,7 +154,7 @@ class UpdatePath:
 
 class _FusedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, weights: Tensor, module: "BatchedAdaptiveEmbeddingBag", lookups: list[GroupLookups], batch_size: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, weights: Tensor, module: "AdaptiveTBE", lookups: list[GroupLookups], batch_size: int) -> Tensor:  # type: ignore[override]
         ctx.module, ctx.lookups, ctx.batch_size = module, lookups, batch_size
         return module._pooled_forward(lookups, batch_size)
 
@@ -165,7 +165,7 @@ class _FusedLookup(torch.autograd.Function):
 
 
 # Kernels holding a refused step not yet reported (see the module docstring).
-_REFUSED: "weakref.WeakSet[BatchedAdaptiveEmbeddingBag]" = weakref.WeakSet()
+_REFUSED: "weakref.WeakSet[AdaptiveTBE]" = weakref.WeakSet()
 
 
 def raise_refused_steps() -> None:
@@ -202,7 +202,7 @@ def default_weights_init(table: TableSpec, weight: Tensor) -> None:
     weight.uniform_(*table.bounds)
 
 
-class BatchedAdaptiveEmbeddingBag(nn.Module):
+class AdaptiveTBE(nn.Module):
     """Table-batched pooled embedding lookup with a fused, lazy, per-row optimizer.
 
     Args:

@@ -179,7 +179,7 @@ class FusedChain:
     def coalesce(self, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, pooling: str,
                  num_rows: int, bag_grads: Tensor, buffers: str = "update") -> tuple[Tensor, Tensor, LookupGrad]:
         """One dim group's lookups grouped by row, in one C++ pass (what
-        ``BatchedAdaptiveEmbeddingBag._sorted_lookups`` computes with torch ops):
+        ``AdaptiveTBE._sorted_lookups`` computes with torch ops):
         unique rows [U], their occurrence counts [U] (float32) and their lookups.
         The results live in the ``buffers`` workspace until its next use."""
         ws = self.workspaces.setdefault(buffers, CoalesceWorkspace())

@@ -65,7 +65,7 @@ class KernelOptions:
         return tuple(f.name for f in fields(KernelOptions))
 
     def kernel_kwargs(self) -> dict[str, Any]:
-        """The options as ``BatchedAdaptiveEmbeddingBag`` keyword arguments."""
+        """The options as ``AdaptiveTBE`` keyword arguments."""
         return {name: getattr(self, name) for name in self.names()}
 
     @staticmethod

@@ -312,7 +312,7 @@ class scale_by_row_frequency(_Validated):  # noqa: N801
     m_r = max(m_min, min(1, c_r / tau))^p, and in epoch e the gap decays:
     m_r(e) = 1 - (1 - m_r) delta^(e - 1). ``lr_r <- m_r(e) lr_r``. When
     ``tau_is_ratio``, tau is that quantile of the table's nonzero counts; the
-    kernel refreshes it (see ``BatchedAdaptiveEmbeddingBag.refresh_row_statistics``)
+    kernel refreshes it (see ``AdaptiveTBE.refresh_row_statistics``)
     into ``tau_by_table`` since a quantile needs the whole table, not the batch.
     """
 
