@@ -6,22 +6,15 @@ Runs the Triton kernels in Triton's interpreter (see test_triton.py)."""
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-if torch.cuda.is_available():  # Triton's interpreter is process-wide: keep it off where kernels run compiled
-    pytest.skip("a GPU machine: the triton backend is tested compiled there (test_triton_gpu.py)",
-                allow_module_level=True)
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
+from .triton_interpreter import use_triton_interpreter
+
+use_triton_interpreter()  # before anything imports triton
 
 import torchrec_adaptive as tra  # noqa: E402
 from torchrec_adaptive import AdaptiveTBE, TableSpec  # noqa: E402
