@@ -60,7 +60,8 @@ from ..rules.slot_names import COUNT, LAST_STEP, rename_previous_buffers
 from ..rules.transforms import scale_by_row_frequency
 from . import fused_cpu, triton_rows
 from .fused_cpu import FusedChain, LookupGrad
-from .inputs import DeviceChecks, KernelOptions, check_bounds, check_input_tensors, nonfinite_features
+from .inputs import (DeviceChecks, KernelOptions, check_bounds, check_input_tensors, nonfinite_features,
+                     refused_update_message)
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
 from .sharpness import CapturedRows, SavedRows, row_scale
@@ -663,12 +664,11 @@ class AdaptiveTBE(nn.Module):
             self._capture_next = False
             self.captured = []
             self._refuse_next_update = True
-            what = "the step was refused"
+            msg = f"non-finite gradient for {bad}; the step was refused"
         else:
             self._refuse_next_update = False
             self.optimizer_step += 1
-            what = f"the update was refused, weights and optimizer state are unchanged (step k = {self.optimizer_step})"
-        msg = f"non-finite gradient for {bad}; {what}"
+            msg = refused_update_message(bad, self.optimizer_step)
         if self.nonfinite == "skip":
             warnings.warn(msg + "; step skipped", RuntimeWarning, stacklevel=3)
             return

@@ -109,6 +109,18 @@ def check_input_tensors(
     return (offsets.numel() - 1) // num_features
 
 
+def out_of_range_message(layout: TableLayout, feature: int, bad_id: int, detail: str) -> str:
+    """The bad-ID error, one wording for the host check and the device-side flags."""
+    table = layout.tables[layout.feature_table_map[feature]]
+    return f"{layout.feature_name(feature)}: ID {bad_id} is out of range [0, {table.num_rows}) ({detail})"
+
+
+def refused_update_message(bad: str, step: int) -> str:
+    """A refused non-finite update, one wording for the host check and the device-side flags."""
+    return (f"non-finite gradient for {bad}; the update was refused, weights and optimizer state are "
+            f"unchanged (step k = {step})")
+
+
 def check_bounds(
     layout: TableLayout, indices: Tensor, feature_of_lookup: Tensor, feature_rows: Tensor, mode: str
 ) -> Tensor:
@@ -120,12 +132,8 @@ def check_bounds(
     if not bool(bad.any()):
         return indices
     pos = int(bad.nonzero()[0, 0])
-    f = int(feature_of_lookup[pos])
-    table = layout.tables[layout.feature_table_map[f]]
-    msg = (
-        f"{layout.feature_name(f)}: ID {int(indices[pos])} is out of range [0, {table.num_rows}) "
-        f"({int(bad.sum())} bad IDs in this batch)"
-    )
+    msg = out_of_range_message(layout, int(feature_of_lookup[pos]), int(indices[pos]),
+                               f"{int(bad.sum())} bad IDs in this batch")
     if mode == "error":
         raise IndexError(msg)
     warnings.warn(msg + "; clamped into range", RuntimeWarning, stacklevel=3)
@@ -290,11 +298,9 @@ class DeviceChecks:
                 out.append(("offsets", f"{msg} (step {step}, checked on the device; that step used repaired offsets)"))
             elif at == self.BOUNDS:
                 f, bad_id, count = values[at + 1 : at + 4]
-                table = lay.tables[lay.feature_table_map[f]]
-                out.append(("bounds", f"{lay.feature_name(f)}: ID {bad_id} is out of range [0, {table.num_rows}) "
-                                      f"({count} bad IDs in this batch; step {step}, checked on the device)"))
+                out.append(("bounds", out_of_range_message(
+                    lay, f, bad_id, f"{count} bad IDs in this batch; step {step}, checked on the device")))
             else:
                 names = [lay.feature_name(f) for f, flag in enumerate(values[at + 1 :]) if flag]
-                out.append(("nonfinite", f"non-finite gradient for {', '.join(names)}; the update was refused, "
-                                         f"weights and optimizer state are unchanged (step k = {step})"))
+                out.append(("nonfinite", refused_update_message(", ".join(names), step)))
         return out

@@ -38,7 +38,7 @@ def build_model(cfg: RunConfig, field_names: Sequence[str], vocab_sizes: Sequenc
     """(DLRMTrain module, the embedding module whose parameters the sparse optimizer owns), unsharded.
 
     Tables are created on ``meta`` and materialized by DMP on each rank's shard only.
-    ``steps_per_epoch`` turns AdamAR's ``alpha_per_epoch`` into its ``alpha`` (optim.per_step_kwargs).
+    ``steps_per_epoch`` turns AdamAR's ``alpha_per_epoch`` into its ``alpha`` (decay_units.per_step_kwargs).
     """
     from torchrec import EmbeddingBagCollection
     from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
