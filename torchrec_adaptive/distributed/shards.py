@@ -64,13 +64,6 @@ def adaptive_row_optimizers(model: nn.Module) -> Iterator[Tuple[nn.Parameter, Ad
                 yield p, opt
 
 
-def _default_bounds(lo: Optional[float], hi: Optional[float], rows: int) -> Tuple[float, float]:
-    if lo is None or hi is None:  # TorchRec's default init: U(-sqrt(1/n), sqrt(1/n))
-        b = (1.0 / rows) ** 0.5
-        return -b, b
-    return lo, hi
-
-
 def _kernel_shards(model: nn.Module) -> Iterator[TableShard]:
     for k in adaptive_kernels(model):
         for i, (spec, state) in enumerate(zip(k.layout.tables, k.get_optimizer_state())):
@@ -94,7 +87,7 @@ def _stock_fused_shards(model: nn.Module) -> Iterator[TableShard]:
             rows = weights[i].shape[0]
             per_row = [(s, 0.0) for s in states[i].values() if s.dim() >= 1 and s.shape[0] == rows]
             yield TableShard(t.name, weights[i], int(off[0]), int(off[1]),
-                             _default_bounds(t.weight_init_min, t.weight_init_max, t.num_embeddings), per_row, None)
+                             (t.get_weight_init_min(), t.get_weight_init_max()), per_row, None)
 
 
 def _unsharded_shards(model: nn.Module) -> Iterator[TableShard]:
@@ -116,7 +109,7 @@ def _unsharded_shards(model: nn.Module) -> Iterator[TableShard]:
                         # as in the kernel: s_r restarts at the re-initialization step
                         states.append((s, step if (ours and name == LAST_STEP) else 0.0))
             yield TableShard(cfg.name, weight.data, 0, 0,
-                             _default_bounds(cfg.weight_init_min, cfg.weight_init_max, cfg.num_embeddings),
+                             (cfg.get_weight_init_min(), cfg.get_weight_init_max()),
                              states, counts)
 
 
