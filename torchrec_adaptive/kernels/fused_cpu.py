@@ -246,6 +246,35 @@ class FusedChain:
 _EMPTY = torch.empty(0)
 
 
+@dataclass(frozen=True)
+class PreparedLookups:
+    """What ``prepare_lookups`` made of one batch: per dim group its (block rows, bag
+    offsets, bag lengths, per-sample weights or None), and what the checks found:
+    ``offsets`` = (first, last) or (bag,) of bad offsets, ``bad_ids`` = (feature, ID, count)
+    of out-of-range IDs (first in input order), both None when fine."""
+
+    groups: list[tuple[Tensor, Tensor, Tensor, Tensor | None]]
+    offsets: tuple[int, ...] | None
+    bad_ids: tuple[int, int, int] | None
+
+
+def prepare_lookups(ext: Any, indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None,
+                    feature_rows: Tensor, feature_row_offset: Tensor, group_features: list[Tensor],
+                    batch_major: bool, bounds: bool) -> PreparedLookups:
+    """The forward's offset and ID checks, block-row shift and bag reorder in one C++ pass
+    (``prepare_lookups`` in csrc/fused_rows_cpu.cpp; ``AdaptiveTBE.forward`` does the same
+    with torch ops on other devices). IDs out of range come back clamped into range."""
+    psw = per_sample_weights.float().contiguous() if per_sample_weights is not None else _EMPTY
+    out = ext.prepare_lookups(indices.long().contiguous(), offsets.long().contiguous(), psw, feature_rows,
+                              feature_row_offset, group_features, batch_major, bounds)
+    kind, a, b, c, d = out[-1].tolist()
+    if kind in (1, 2):
+        return PreparedLookups([], (a, b) if kind == 1 else (a,), None)
+    groups = [(out[i], out[i + 1], out[i + 2], out[i + 3] if per_sample_weights is not None else None)
+              for i in range(0, len(out) - 1, 4)]
+    return PreparedLookups(groups, None, (b, c, d) if kind == 3 else None)
+
+
 def fused_for(chain: RowChain, device: torch.device, dtype: torch.dtype) -> FusedChain | None:
     """The fused form to use for a kernel on ``device``, or None for the eager chain.
 

@@ -102,11 +102,28 @@ def check_input_tensors(
     if validate_offsets and offsets.numel() > 0:
         first, last = int(offsets[0]), int(offsets[-1])
         if first != 0 or last != indices.numel():
-            raise ValueError(f"offsets must start at 0 and end at len(indices)={indices.numel()}, got {first} and {last}")
+            raise ValueError(offsets_range_message(indices.numel(), first, last))
         if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-            bag = int((offsets[1:] < offsets[:-1]).nonzero()[0, 0])
-            raise ValueError(f"offsets must be non-decreasing; bag {bag} has a negative length")
+            raise ValueError(negative_bag_message(int((offsets[1:] < offsets[:-1]).nonzero()[0, 0])))
     return (offsets.numel() - 1) // num_features
+
+
+def offsets_range_message(num_indices: int, first: int, last: int) -> str:
+    """Offsets that do not span the indices, one wording for every check of them."""
+    return f"offsets must start at 0 and end at len(indices)={num_indices}, got {first} and {last}"
+
+
+def negative_bag_message(bag: int) -> str:
+    return f"offsets must be non-decreasing; bag {bag} has a negative length"
+
+
+def raise_or_warn_bad_ids(layout: TableLayout, feature: int, bad_id: int, count: int, mode: str) -> None:
+    """The host checks' answer to out-of-range IDs: raise (``error``) or warn that they were
+    clamped (``warn``), naming the first bad ID's table and feature."""
+    msg = out_of_range_message(layout, feature, bad_id, f"{count} bad IDs in this batch")
+    if mode == "error":
+        raise IndexError(msg)
+    warnings.warn(msg + "; clamped into range", RuntimeWarning, stacklevel=4)
 
 
 def out_of_range_message(layout: TableLayout, feature: int, bad_id: int, detail: str) -> str:
@@ -132,11 +149,7 @@ def check_bounds(
     if not bool(bad.any()):
         return indices
     pos = int(bad.nonzero()[0, 0])
-    msg = out_of_range_message(layout, int(feature_of_lookup[pos]), int(indices[pos]),
-                               f"{int(bad.sum())} bad IDs in this batch")
-    if mode == "error":
-        raise IndexError(msg)
-    warnings.warn(msg + "; clamped into range", RuntimeWarning, stacklevel=3)
+    raise_or_warn_bad_ids(layout, int(feature_of_lookup[pos]), int(indices[pos]), int(bad.sum()), mode)
     return torch.minimum(indices.clamp(min=0), limit - 1)
 
 
@@ -291,10 +304,7 @@ class DeviceChecks:
             part.copy_(torch.where(rec[at] == step, 0, part))
             if at == self.OFFSETS:
                 first, last, n, bag = values[at + 1 : at + 5]
-                if first != 0 or last != n:
-                    msg = f"offsets must start at 0 and end at len(indices)={n}, got {first} and {last}"
-                else:
-                    msg = f"offsets must be non-decreasing; bag {bag} has a negative length"
+                msg = offsets_range_message(n, first, last) if first != 0 or last != n else negative_bag_message(bag)
                 out.append(("offsets", f"{msg} (step {step}, checked on the device; that step used repaired offsets)"))
             elif at == self.BOUNDS:
                 f, bad_id, count = values[at + 1 : at + 4]
