@@ -46,6 +46,8 @@ def check_features(features: KeyedJaggedTensor, checks: Dict[str, FeatureCheck],
     if values.numel() == 0:
         return features
     starts = features.offset_per_key()
+    if not _any_out_of_range(values, starts, [checks.get(k) for k in keys]):
+        return features
     clamped: List[tuple[int, int, int]] = []
     for i, key in enumerate(keys):
         check = checks.get(key)
@@ -68,6 +70,25 @@ def check_features(features: KeyedJaggedTensor, checks: Dict[str, FeatureCheck],
         values[lo:hi].clamp_(0, rows - 1)
     return KeyedJaggedTensor(keys=list(keys), values=values, weights=weights, lengths=features.lengths(),
                              offsets=features.offsets(), stride=features.stride())
+
+
+def _any_out_of_range(values: torch.Tensor, starts: Sequence[int], checks: Sequence[FeatureCheck | None]) -> bool:
+    """Whether any checked feature has an ID outside [0, rows): one pass over all values
+    with a per-value bound (one host sync), instead of four ops and a sync per feature;
+    only a batch with a bad ID goes on to the per-feature pass that names it."""
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    # unchecked features get bounds no int64 ID can leave
+    hi = [c.num_rows if c is not None and c.bounds_check != "off" else _NO_LIMIT for c in checks]
+    lo = [0 if c is not None and c.bounds_check != "off" else -_NO_LIMIT - 1 for c in checks]
+    n = values.numel()
+    counts = torch.tensor(lengths, device=values.device)
+    high = torch.repeat_interleave(torch.tensor(hi, device=values.device), counts, output_size=n)
+    low = torch.repeat_interleave(torch.tensor(lo, device=values.device), counts, output_size=n)
+    v = values.long()
+    return bool(((v < low) | (v >= high)).any())
+
+
+_NO_LIMIT = 2**63 - 1
 
 
 __all__ = ["FeatureCheck", "check_features"]

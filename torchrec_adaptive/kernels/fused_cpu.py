@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..rules.apply import RowUpdate
-from ..rules.slot_names import ACCUMULATOR, FIRST_MOMENT, SECOND_MOMENT
+from ..rules.slot_names import ACCUMULATOR, COUNT, FIRST_MOMENT, LAST_STEP, SECOND_MOMENT
 from ..rules.base import RowBatch, RowChain, RowTransform
 from ..rules.transforms import (
     add_adaptive_row_decay,
@@ -146,6 +146,7 @@ class FusedChain:
     ext: Any = None
     workspaces: dict[str, CoalesceWorkspace] = field(default_factory=dict, compare=False, repr=False)
     saved: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)  # Helen's original rows
+    scratch: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)  # per-row results, reused
 
     @staticmethod
     def plan(chain: RowChain, ext: ModuleType | None = None) -> FusedChain | None:
@@ -203,6 +204,9 @@ class FusedChain:
         batch = RowBatch(rows=rows, weight=weight, grad=upd.grad, lr=upd.lr, occurrences=upd.occurrences,
                          step=step, epoch=epoch, table=upd.table, base_lr=upd.base_lr)
         for t in self.row_transforms:
+            if isinstance(t, track_row_history) and t.half_life == 0:
+                self._row_history(state, batch)
+                continue
             own = {s.name: state[s.name].index_select(0, rows) for s in t.slots()}
             for name, value in t.update(batch, own).items():
                 state[name].index_copy_(0, rows, value.to(state[name].dtype))
@@ -224,6 +228,26 @@ class FusedChain:
             # one row-wise loop: Adagrad accumulates (1, 1), RMSprop averages (beta, 1 - beta)
             ext.rowwise_adagrad_rows_(weight, state[ACCUMULATOR], *lookups, lr, keep_arg, self.base.eps, l2,
                                       *self.base.accumulation())
+
+    def _row_history(self, state: dict[str, Tensor], batch: RowBatch) -> None:
+        """``track_row_history`` (no half-life) in one C++ pass over the touched rows, in
+        place: the same s_r, c_r and published ``skipped``/``count`` as its eager update
+        (tested), without the gathers, [U] temporaries and scatters."""
+        n = batch.rows.numel()
+        skipped = self._scratch("skipped", n, torch.int64)
+        count = self._scratch("count", n, torch.float64)
+        self.ext.row_history_(state[LAST_STEP], state[COUNT], batch.rows, batch.occurrences.float().contiguous(),
+                              batch.step, skipped, count)
+        batch.extras["skipped"] = skipped
+        batch.extras["count"] = count
+
+    def _scratch(self, name: str, n: int, dtype: torch.dtype) -> Tensor:
+        """A reused [n] buffer (valid until the next step's use): fresh multi-MB tensors
+        cost page faults on CPU (docs/performance.md)."""
+        buf = self.scratch.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self.scratch[name] = torch.empty(n + n // 4, dtype=dtype)
+        return buf[:n]
 
     def row_norms(self, rows: Tensor, grad: LookupGrad) -> Tensor:
         """||g_r|| [U] of each row (Helen's capture), without writing the [U, D] gradient."""

@@ -335,6 +335,43 @@ void rowwise_adagrad_rows_(at::Tensor weight, at::Tensor momentum, at::Tensor ro
   });
 }
 
+// track_row_history (rules/transforms.py) for the touched rows, without a count half-life,
+// in one pass: s_r and c_r are read and written once per row, in place, instead of two
+// gathers, four elementwise ops and two scatters over [U] vectors (at pooling 8 those cost
+// as much as the Adam loop). Out: skipped [U] = k - s_r - 1 (before s_r moves to k) and
+// count [U] = c_r + occurrences, what the transform publishes for the later ones.
+void row_history_(at::Tensor last, at::Tensor count, at::Tensor rows, at::Tensor occurrences, int64_t step,
+                  at::Tensor skipped, at::Tensor count_out) {
+  const int64_t U = rows.numel();
+  TORCH_CHECK(last.scalar_type() == at::kLong && last.is_contiguous() && count.scalar_type() == at::kDouble &&
+                  count.is_contiguous() && last.numel() == count.numel(),
+              "last step must be int64 [R] and count float64 [R]");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && occurrences.scalar_type() == at::kFloat &&
+                  occurrences.is_contiguous() && occurrences.numel() == U,
+              "rows must be int64 [U], occurrences float32 [U]");
+  TORCH_CHECK(skipped.scalar_type() == at::kLong && skipped.numel() == U && count_out.scalar_type() == at::kDouble &&
+                  count_out.numel() == U && skipped.is_contiguous() && count_out.is_contiguous(),
+              "outputs must be int64 [U] and float64 [U]");
+  int64_t* s = last.data_ptr<int64_t>();
+  double* c = count.data_ptr<double>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t R = last.numel();
+  const float* occ = occurrences.data_ptr<float>();
+  int64_t* sk = skipped.data_ptr<int64_t>();
+  double* co = count_out.data_ptr<double>();
+  at::parallel_for(0, U, 4096, [=](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t row = r[u];
+      TORCH_CHECK(row >= 0 && row < R, "row ", row, " is outside the state's ", R, " rows");
+      sk[u] = step - s[row] - 1;
+      s[row] = step;
+      const double v = c[row] + static_cast<double>(occ[u]);
+      c[row] = v;
+      co[u] = v;
+    }
+  });
+}
+
 // Helen's capture: ||g_r|| of each touched row, summing its lookups as the update
 // loops do, so the [U, D] gradient is never written.
 at::Tensor row_grad_norms(at::Tensor rows, at::Tensor row_offsets, at::Tensor bags, at::Tensor lookup_weight,
@@ -506,6 +543,7 @@ std::vector<at::Tensor> prepare_lookups(at::Tensor indices, at::Tensor offsets, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prepare_lookups", &prepare_lookups, "the forward's checks, block rows and bag order in one pass");
+  m.def("row_history_", &row_history_, "s_r and c_r of the touched rows (track_row_history) in place");
   m.def("coalesce_lookups", &coalesce_lookups, "group lookups by row in one radix pass");
   m.def("adam_rows_", &adam_rows_, "fused lazy Adam on rows (in place)");
   m.def("rowwise_adagrad_rows_", &rowwise_adagrad_rows_, "fused row-wise Adagrad / RMSprop on rows (in place)");
