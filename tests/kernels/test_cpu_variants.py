@@ -91,11 +91,22 @@ def test_every_runnable_variant_equals_the_eager_chain(monkeypatch, isa, cls, kw
 def test_one_pass_grouping_equals_sort_and_unique(pooling, weighted):
     """coalesce_lookups (radix sort by row, counts, bags, weights) against the torch ops
     of AdaptiveTBE._sorted_lookups, with empty bags and rows over 2^11
-    (two radix digits); the workspace is reused across calls of different sizes."""
+    (two radix digits); the workspace is reused across calls of different sizes. The
+    60000-bag batch (~150k lookups) is sorted by two threads (the parallel radix passes
+    split above 2 x 65536 lookups)."""
     k = AdaptiveTBE([TableSpec("t", 5000, 4)], tra.Adam.rule_config(), pooling=pooling)
     assert k._fused is not None
     g = torch.Generator().manual_seed(0)
-    for bags in (40, 7, 300):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_grouping(k, g, pooling, weighted)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_grouping(k, g, pooling, weighted):
+    for bags in (40, 7, 300, 60000):
         lengths = torch.randint(0, 6, (bags,), generator=g)
         off = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         idx = torch.randint(0, 5000, (int(lengths.sum()),), generator=g)

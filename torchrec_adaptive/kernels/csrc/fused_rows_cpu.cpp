@@ -150,36 +150,55 @@ std::vector<at::Tensor> coalesce_lookups(at::Tensor indices, at::Tensor offsets,
   while (bits < 32 && (int64_t{1} << bits) < num_rows) ++bits;
   const int kDigit = 11, passes = (bits + kDigit - 1) / kDigit;
   const uint32_t kMask = (1u << kDigit) - 1;
-  std::vector<int64_t> hist(static_cast<size_t>(passes) << kDigit, 0);
 
-  // pass 0: bags from offsets, bounds, and every digit's histogram
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t lo = off[b] - off[0], hi = off[b + 1] - off[0];
-    TORCH_CHECK(lo <= hi, "offsets must be non-decreasing (bag ", b, ")");
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t r = idx[i];
-      TORCH_CHECK(r >= 0 && r < num_rows, "row ", r, " of lookup ", i, " is outside the group's ", num_rows, " rows");
-      const uint32_t k = static_cast<uint32_t>(r);
-      ka[i] = k;
-      va[i] = weighted ? static_cast<int32_t>(i) : static_cast<int32_t>(b);
-      for (int p = 0; p < passes; ++p) ++hist[(static_cast<size_t>(p) << kDigit) + ((k >> (p * kDigit)) & kMask)];
+  // pass 0: bags from offsets, and bounds (parallel over bags)
+  at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = off[b] - off[0], hi = off[b + 1] - off[0];
+      TORCH_CHECK(lo <= hi && hi <= L, "offsets must be non-decreasing and end at ", L, " (bag ", b, ")");
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t r = idx[i];
+        TORCH_CHECK(r >= 0 && r < num_rows, "row ", r, " of lookup ", i, " is outside the group's ", num_rows, " rows");
+        ka[i] = static_cast<uint32_t>(r);
+        va[i] = weighted ? static_cast<int32_t>(i) : static_cast<int32_t>(b);
+      }
     }
-  }
-  // LSD radix passes (stable: a row's lookups keep their batch order)
+  });
+  // LSD radix passes, parallel as FBGEMM's radix_sort_parallel: each thread counts the digits
+  // of its chunk, the counts are prefix-summed digit-major then chunk-major, and each thread
+  // scatters its chunk in order -- so the sort stays stable (a row's lookups keep their
+  // batch order) and the result does not depend on the thread count.
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L / 65536));
+  std::vector<int64_t> hist(static_cast<size_t>(nt) << kDigit);
+  auto chunk_begin = [=](int64_t c) { return L * c / nt; };
   for (int p = 0; p < passes; ++p) {
-    int64_t* h = hist.data() + (static_cast<size_t>(p) << kDigit);
+    const int shift = p * kDigit;
+    std::fill(hist.begin(), hist.end(), 0);
+    at::parallel_for(0, nt, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t* h = hist.data() + (static_cast<size_t>(c) << kDigit);
+        for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) ++h[(ka[i] >> shift) & kMask];
+      }
+    });
     int64_t sum = 0;
     for (uint32_t d = 0; d <= kMask; ++d) {
-      const int64_t c = h[d];
-      h[d] = sum;
-      sum += c;
+      for (int64_t c = 0; c < nt; ++c) {
+        int64_t& h = hist[(static_cast<size_t>(c) << kDigit) + d];
+        const int64_t n = h;
+        h = sum;
+        sum += n;
+      }
     }
-    const int shift = p * kDigit;
-    for (int64_t i = 0; i < L; ++i) {
-      const int64_t dst = h[(ka[i] >> shift) & kMask]++;
-      kb[dst] = ka[i];
-      vb[dst] = va[i];
-    }
+    at::parallel_for(0, nt, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        int64_t* h = hist.data() + (static_cast<size_t>(c) << kDigit);
+        for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) {
+          const int64_t dst = h[(ka[i] >> shift) & kMask]++;
+          kb[dst] = ka[i];
+          vb[dst] = va[i];
+        }
+      }
+    });
     std::swap(ka, kb);
     std::swap(va, vb);
   }
