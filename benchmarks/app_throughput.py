@@ -24,8 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
+from torchrec_adaptive.kernels.host_memory import MALLOC_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 WORLD = 2
 
 

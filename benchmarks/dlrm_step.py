@@ -32,7 +32,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+from torchrec_adaptive.kernels.host_memory import MALLOC_ENV
+
 WORLD = 2
 DENSE_IN = 13
 

@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json")
+    ap.add_argument("--no-malloc-env", action="store_true",
+                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for every case alike)")
     args = ap.parse_args(argv)
+    if argv is None:  # run as a script: re-run with the allocator set (machine.malloc_env)
+        machine.malloc_env(not args.no_malloc_env)
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = Shape(rows=10_000, dim=16, batch=512) if args.quick else Shape()

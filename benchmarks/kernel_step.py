@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --floor-only: bandwidths for the floor (default: H100 SXM and H200 HBM3/3e)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--no-malloc-env", action="store_true",
+                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for every case alike)")
     args = ap.parse_args(argv)
+    if argv is None:  # run as a script: re-run with the allocator set (machine.malloc_env)
+        machine.malloc_env(not args.no_malloc_env)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

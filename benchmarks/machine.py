@@ -40,6 +40,19 @@ def fbgemm_isa(flags: set[str]) -> str:
     return f"{best} (FBGEMM_ENABLE_INSTRUCTIONS={forced})" if forced else best
 
 
+def malloc_env(enabled: bool) -> None:
+    """Re-runs this benchmark with glibc's allocator set as we recommend for CPU training
+    (``host_memory.MALLOC_ENV``; glibc reads it at process start, hence the re-exec), so
+    every case of the run, FBGEMM's and stock TorchRec's included, gets the same
+    allocator. ``enabled`` False (``--no-malloc-env``): glibc's defaults."""
+    import sys
+
+    from torchrec_adaptive.kernels.host_memory import MALLOC_ENV
+
+    if enabled and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+
 def describe() -> dict[str, Any]:
     """This machine and process, for a benchmark's header and JSON."""
     import torch
@@ -57,6 +70,8 @@ def describe() -> dict[str, Any]:
         "ours_isa": ext.isa if ext is not None else "eager chain (no fused loops)",
         "ours_isa_forced": os.environ.get("TORCHREC_ADAPTIVE_CPU_ISA") or None,
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "malloc_env": {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ},
+        "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "torch": torch.__version__,
     }
 
@@ -64,4 +79,5 @@ def describe() -> dict[str, Any]:
 def header(info: dict[str, Any]) -> str:
     return (f"machine: {info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads | ISA: "
             f"ATen {info['aten_isa']}, FBGEMM {info['fbgemm_isa']}, ours {info['ours_isa']}"
-            f"{' (forced)' if info['ours_isa_forced'] else ''} | load average {info['loadavg_1_5_15']}")
+            f"{' (forced)' if info['ours_isa_forced'] else ''} | load average {info['loadavg_1_5_15']} | "
+            f"glibc malloc {'as recommended (MALLOC_ENV)' if info.get('malloc_env') else 'defaults'}")

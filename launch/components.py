@@ -82,9 +82,16 @@ def _resources(j: str, cpu: int, memMB: int, gpu: int) -> Tuple[int, int, int]:
 
 def _env(env: Optional[Dict[str, str]], j: str, cpu: int, gpu: int) -> Dict[str, str]:
     # On CPU the ranks share the node's CPUs: cpu // ranks threads each (1 with the default cpu, no
-    # oversubscription); on GPU torch's own default.
+    # oversubscription), and glibc keeps a step's temporaries instead of page-faulting them back
+    # in every step (host_memory.MALLOC_ENV, imported here: the package pulls torch in); on GPU
+    # torch's own defaults.
     nproc = _nproc(j)
-    base = {"PYTHONUNBUFFERED": "1"} if gpu else {"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1"}
+    if gpu:
+        base = {"PYTHONUNBUFFERED": "1"}
+    else:
+        from torchrec_adaptive.kernels.host_memory import MALLOC_ENV
+
+        base = {"OMP_NUM_THREADS": str(max(1, cpu // nproc)), "PYTHONUNBUFFERED": "1", **MALLOC_ENV}
     return {**base, **(env or {})}
 
 

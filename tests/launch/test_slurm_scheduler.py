@@ -117,6 +117,8 @@ def test_the_job_asks_for_what_the_component_was_given(monkeypatch, tmp_path, sl
     assert "#SBATCH --job-name=dlrm_adamar-0 " in script
     assert "--cpus-per-task=2 " in script and "--mem=8192 " in script and "gpu" not in script.split("set -evx")[0]
     assert "OMP_NUM_THREADS=1," in script
+    # CPU ranks keep a step's temporaries on glibc's heap (kernels/host_memory.MALLOC_ENV)
+    assert "MALLOC_MMAP_THRESHOLD_=33554432," in script and "MALLOC_TRIM_THRESHOLD_=4294967296" in script
     # the job's torchrun is the venv's, whatever PATH the submitting shell had
     assert f'export PATH={Path(sys.executable).parent}:"$PATH"' in script
     logs = tmp_path / "logs"
@@ -131,6 +133,7 @@ def test_the_job_asks_for_what_the_component_was_given(monkeypatch, tmp_path, sl
         assert (f"--job-name=dlrm_adamar_1tb-{node} --requeue --ntasks-per-node=1 --cpus-per-task=16 --mem=64000 "
                 f"--gres=gpu:4 ") in head
     assert "gpus-per-task" not in head and "gpus-per-node" not in head and "--ntasks=" not in head and "OMP_NUM_THREADS" not in script
+    assert "MALLOC_" not in script  # GPU ranks: the allocator's defaults
 
     script = _script(monkeypatch, tmp_path, "-j", "1x2", "--cpu", "8")
     assert "--cpus-per-task=8 " in script and "OMP_NUM_THREADS=4," in script

@@ -58,7 +58,7 @@ from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
 from ..rules.slot_names import COUNT, LAST_STEP, rename_previous_buffers
 from ..rules.transforms import scale_by_row_frequency
-from . import fused_cpu, hugepages, triton_rows
+from . import fused_cpu, host_memory, triton_rows
 from .fused_cpu import FusedChain, LookupGrad
 from .inputs import (DeviceChecks, KernelOptions, check_bounds, check_input_tensors, negative_bag_message,
                      nonfinite_features, offsets_range_message, raise_or_warn_bad_ids, refused_update_message)
@@ -265,7 +265,7 @@ class AdaptiveTBE(nn.Module):
         device = torch.device(device) if device is not None else torch.device("cpu")
 
         lay = self.layout
-        self.weights = nn.Parameter(hugepages.empty(lay.total_elems, device=device))
+        self.weights = nn.Parameter(host_memory.empty(lay.total_elems, device=device))
         init = weights_init or default_weights_init
         with torch.no_grad():
             for t, w in zip(lay.tables, self.split_embedding_weights()):
@@ -274,7 +274,7 @@ class AdaptiveTBE(nn.Module):
         self._slots = self.chain.slots()
         for s in self._slots:
             size = lay.total_elems if s.per_element else lay.total_rows
-            self.register_buffer(f"state_{s.name}", hugepages.full(size, s.init, dtype=s.dtype, device=device))
+            self.register_buffer(f"state_{s.name}", host_memory.full(size, s.init, dtype=s.dtype, device=device))
         self.register_load_state_dict_pre_hook(rename_previous_buffers)  # state_dicts with older slot names load
 
         ftm = torch.tensor(lay.feature_table_map, dtype=torch.long)

@@ -1,4 +1,5 @@
-"""The kernel's large CPU buffers in transparent huge pages.
+"""Host memory for CPU training: the kernel's large buffers in transparent huge pages,
+and the allocator settings we recommend for CPU training processes.
 
 Why: a training step touches a few random rows of every table and of every optimizer
 state; with 4 KiB pages each such row is also a TLB miss (page walk) in buffers of
@@ -20,6 +21,14 @@ import sys
 
 import torch
 from torch import Tensor
+
+# glibc's allocator for a CPU training process: with its defaults, a step's multi-MB
+# temporaries (the pooled output, its gradient) are often returned to the OS when freed and
+# page-faulted back in at the next step, which on the VMs of docs/performance.md costs more
+# than the lookup itself (~30 ms for 27 MB) and makes step times depend on the order of
+# allocations. Keeping up to 32 MB allocations on the heap and not trimming it avoids that.
+# Read by glibc at process start, so launchers set it (launch/components.py, benchmarks/).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
 HUGE_PAGE = 2 << 20

@@ -1,4 +1,4 @@
-"""The kernel's large CPU buffers are advised into transparent huge pages (kernels/hugepages.py).
+"""The kernel's large CPU buffers are advised into transparent huge pages (kernels/host_memory.py).
 
 The oracle is Linux's own record of the advice: the ``hg`` flag ("huge page advise") in
 /proc/self/smaps' VmFlags of the mapping that holds the buffer."""
@@ -12,14 +12,14 @@ import torch
 
 import torchrec_adaptive as tra
 from torchrec_adaptive import AdaptiveTBE, TableSpec
-from torchrec_adaptive.kernels import hugepages
+from torchrec_adaptive.kernels import host_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/smaps are Linux's")
 
 
 def _advised(t: torch.Tensor) -> bool:
     """Whether the 2 MiB-aligned interior of ``t`` lies in a mapping with the ``hg`` flag."""
-    addr = -(-t.data_ptr() // hugepages.HUGE_PAGE) * hugepages.HUGE_PAGE
+    addr = -(-t.data_ptr() // host_memory.HUGE_PAGE) * host_memory.HUGE_PAGE
     with open("/proc/self/smaps") as f:
         inside = False
         for line in f:
@@ -39,8 +39,8 @@ def test_weights_and_state_buffers_are_advised():
 
 
 def test_small_or_disabled_buffers_are_left_alone(monkeypatch):
-    small = hugepages.empty(1000, device=torch.device("cpu"))
+    small = host_memory.empty(1000, device=torch.device("cpu"))
     assert not _advised(small)
-    monkeypatch.setenv(hugepages.ENV, "0")
-    big = hugepages.empty(4 << 20, device=torch.device("cpu"))
+    monkeypatch.setenv(host_memory.ENV, "0")
+    big = host_memory.empty(4 << 20, device=torch.device("cpu"))
     assert not _advised(big)
