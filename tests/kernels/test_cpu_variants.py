@@ -93,7 +93,7 @@ def test_one_pass_grouping_equals_sort_and_unique(pooling, weighted):
     of AdaptiveTBE._sorted_lookups, with empty bags and rows over 2^11
     (two radix digits); the workspace is reused across calls of different sizes. The
     60000-bag batch (~150k lookups) is sorted by two threads (the parallel radix passes
-    split above 2 x 65536 lookups)."""
+    split above 2 x 32768 lookups)."""
     k = AdaptiveTBE([TableSpec("t", 5000, 4)], tra.Adam.rule_config(), pooling=pooling)
     assert k._fused is not None
     g = torch.Generator().manual_seed(0)

@@ -168,7 +168,7 @@ std::vector<at::Tensor> coalesce_lookups(at::Tensor indices, at::Tensor offsets,
   // of its chunk, the counts are prefix-summed digit-major then chunk-major, and each thread
   // scatters its chunk in order -- so the sort stays stable (a row's lookups keep their
   // batch order) and the result does not depend on the thread count.
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L / 65536));
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), L / 32768));
   std::vector<int64_t> hist(static_cast<size_t>(nt) << kDigit);
   auto chunk_begin = [=](int64_t c) { return L * c / nt; };
   for (int p = 0; p < passes; ++p) {
@@ -503,17 +503,28 @@ std::vector<at::Tensor> prepare_lookups(at::Tensor indices, at::Tensor offsets, 
     const int64_t Fg = feats_t.numel();
     const int64_t* feats = feats_t.data_ptr<int64_t>();
     for (int64_t j = 0; j < Fg; ++j) TORCH_CHECK(feats[j] >= 0 && feats[j] < F, "group feature out of range");
-    // bag k of the group (batch-major: k = b * Fg + j; else k = j * B + b) is input bag f * B + b
-    auto src_bag = [=](int64_t k) -> int64_t {
-      return batch_major ? feats[k % Fg] * B + k / Fg : feats[k / B] * B + k % B;
+    // bag k of the group is input bag feats[j] * B + b, with (b, j) = divmod(k, Fg) batch-major and
+    // (j, b) = divmod(k, B) otherwise, walked with a cursor: at one ID per bag, two integer
+    // divisions per bag cost more than the copy itself.
+    struct Cursor {
+      int64_t j, b;
+    };
+    auto cursor_at = [=](int64_t k) { return batch_major ? Cursor{k % Fg, k / Fg} : Cursor{k / B, k % B}; };
+    auto advance = [=](Cursor& c) {
+      if (batch_major) {
+        if (++c.j == Fg) c.j = 0, ++c.b;
+      } else if (++c.b == B) {
+        c.b = 0, ++c.j;
+      }
     };
     const int64_t bags = Fg * B;
     at::Tensor g_off = at::empty({bags + 1}, i64), g_len = at::empty({bags}, i64);
     int64_t* go = g_off.data_ptr<int64_t>();
     int64_t* gl = g_len.data_ptr<int64_t>();
     go[0] = 0;
-    for (int64_t k = 0; k < bags; ++k) {
-      const int64_t s = src_bag(k);
+    Cursor c = cursor_at(0);
+    for (int64_t k = 0; k < bags; ++k, advance(c)) {
+      const int64_t s = feats[c.j] * B + c.b;
       gl[k] = off[s + 1] - off[s];
       go[k + 1] = go[k] + gl[k];
     }
@@ -524,8 +535,9 @@ std::vector<at::Tensor> prepare_lookups(at::Tensor indices, at::Tensor offsets, 
     float* gp = weighted ? g_psw.data_ptr<float>() : nullptr;
     at::parallel_for(0, bags, 4096, [&](int64_t begin, int64_t end) {
       bool bad = false;
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t s = src_bag(k), f = s / B;
+      Cursor c = cursor_at(begin);
+      for (int64_t k = begin; k < end; ++k, advance(c)) {
+        const int64_t f = feats[c.j], s = f * B + c.b;
         const int64_t lim = limit[f], sh = shift[f];
         const int64_t a = off[s], n = gl[k], o = go[k];
         for (int64_t i = 0; i < n; ++i) {
