@@ -124,6 +124,9 @@ def _worker(rank: int, port: int, shape: Shape, args: Dict[str, Any], q: Any) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
+    from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
+
+    from torchrec_adaptive.distributed.shards import all_modules
 
     torch.set_num_threads(1)  # 2 ranks on this VM's 2 cores
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -146,7 +149,7 @@ def _worker(rank: int, port: int, shape: Shape, args: Dict[str, Any], q: Any) ->
         kernels = []
         for model, _ in models:  # what each case really runs: FBGEMM's TBE or our kernel
             ebc = model.module.sparse_arch.embedding_bag_collection
-            kernels.append(sorted({type(emb).__name__ for emb in all_modules(ebc) if isinstance(emb, BaseEmbedding)}))
+            kernels.append(sorted({type(emb).__name__ for emb in all_modules(ebc) if isinstance(emb, BaseBatchedEmbeddingBag)}))
         for i in range(len(CASES)):
             run(i, args["warmup"])
         times: List[List[float]] = [[] for _ in CASES]
