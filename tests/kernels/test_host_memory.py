@@ -33,14 +33,20 @@ def _advised(t: torch.Tensor) -> bool:
 
 
 def test_weights_and_state_buffers_are_advised():
-    k = AdaptiveTBE([TableSpec("t", 40_000, 64)], tra.AdamAR.rule_config(lr=0.01))  # 10 MB per buffer
+    # 51 MB per buffer: above glibc's largest mmap threshold (32 MB), so each is a fresh
+    # mapping that no earlier advice in this process can have flagged
+    k = AdaptiveTBE([TableSpec("t", 200_000, 64)], tra.AdamAR.rule_config(lr=0.01))
     assert _advised(k.weights)
     assert _advised(k.state_momentum1) and _advised(k.state_exp_avg_sq)
 
 
 def test_small_or_disabled_buffers_are_left_alone(monkeypatch):
-    small = host_memory.empty(1000, device=torch.device("cpu"))
-    assert not _advised(small)
+    calls = []
+    monkeypatch.setattr(host_memory, "_MADVISE", lambda *a: calls.append(a) or 0)
+    host_memory.empty(1000, device=torch.device("cpu"))
+    assert calls == []  # under 4 MiB: not worth a huge page
+    host_memory.empty(4 << 20, device=torch.device("cpu"))
+    assert len(calls) == 1 and calls[0][2] == host_memory.MADV_HUGEPAGE
     monkeypatch.setenv(host_memory.ENV, "0")
-    big = host_memory.empty(4 << 20, device=torch.device("cpu"))
-    assert not _advised(big)
+    host_memory.empty(4 << 20, device=torch.device("cpu"))
+    assert len(calls) == 1
