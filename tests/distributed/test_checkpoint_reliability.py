@@ -230,7 +230,9 @@ a = _build()
 for e in range(1, 10_000):
     _train_steps(a, 0, 1)
     checkpoint.save(a, f"{path}/epoch_{{e}}")
-    torch.save(_local_shards(a), f"{path}/expected_{{e}}.pt")
+    # the reference is published by a rename, so a kill while it is written leaves none (not a torn one)
+    torch.save(_local_shards(a), f"{path}/expected_{{e}}.pt.tmp")
+    os.replace(f"{path}/expected_{{e}}.pt.tmp", f"{path}/expected_{{e}}.pt")
 """
 
 
