@@ -35,6 +35,7 @@
 namespace {
 
 constexpr int64_t kPrefetchRows = 8;
+constexpr int64_t kHistoryPrefetch = 32;  // rows ahead in row_history_ (two 8-byte reads per row)
 
 inline void prefetch_row(const float* base, int64_t off, int64_t D) {
   for (int64_t j = 0; j < D; j += 16) {  // one 64-byte cache line per 16 floats
@@ -380,6 +381,13 @@ void row_history_(at::Tensor last, at::Tensor count, at::Tensor rows, at::Tensor
   double* co = count_out.data_ptr<double>();
   at::parallel_for(0, U, 4096, [=](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
+      if (u + kHistoryPrefetch < end) {  // random rows of two [R] vectors: hide the misses
+        const int64_t ahead = r[u + kHistoryPrefetch];
+        if (ahead >= 0 && ahead < R) {
+          __builtin_prefetch(s + ahead, 1);
+          __builtin_prefetch(c + ahead, 1);
+        }
+      }
       const int64_t row = r[u];
       TORCH_CHECK(row >= 0 && row < R, "row ", row, " is outside the state's ", R, " rows");
       sk[u] = step - s[row] - 1;
