@@ -93,7 +93,8 @@ class CapturedGrouping:
     depends on the lookups only, never on the weights or the gradients.
 
     ``matches`` compares the lookups by value (indices, bags, per-sample weights): a
-    different batch, or the same IDs with other weights, is grouped afresh."""
+    different batch, or the same IDs with other weights, is grouped afresh. The captured
+    lookups are copies, so a forward that refills its buffers cannot make them match."""
 
     indices: Tensor
     offsets: Tensor
@@ -113,8 +114,9 @@ class CapturedGrouping:
     @staticmethod
     def of(indices: Tensor, offsets: Tensor, per_sample_weights: Tensor | None, rows: Tensor, occurrences: Tensor,
            grad: LookupGrad) -> "CapturedGrouping":
-        return CapturedGrouping(indices, offsets, per_sample_weights, rows, occurrences, grad.row_offsets, grad.bags,
-                                grad.weight)
+        return CapturedGrouping(indices.clone(), offsets.clone(),
+                                per_sample_weights.clone() if per_sample_weights is not None else None,
+                                rows, occurrences, grad.row_offsets, grad.bags, grad.weight)
 
     def with_bag_grads(self, bag_grads: Tensor, dtype: torch.dtype) -> LookupGrad:
         return LookupGrad(self.row_offsets, self.bags, self.weight, bag_grads.to(dtype).contiguous())
@@ -129,8 +131,10 @@ class CountPeaks:
     in-place torch op on it or a view of it bumps the version: a checkpoint load, MEDA's
     ``reinit_rows``, a user's write through ``get_optimizer_state``); then the kernel
     folds in the new counts of the rows each update touched (:meth:`fold`), which is
-    exact while counts only grow. Otherwise the next :meth:`get` scans once more. Writes
-    the version does not see (Triton kernels, ``.data``) must call :meth:`invalidate`.
+    exact while counts only grow (and covers updates whose C++ or Triton loops write the
+    counts without bumping the version). Otherwise the next :meth:`get` scans once more.
+    Other writes the version does not see (Triton kernels, ``.data``) must call
+    :meth:`invalidate`.
     """
 
     def __init__(self) -> None:
