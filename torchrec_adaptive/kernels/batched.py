@@ -57,14 +57,15 @@ from ..rules.apply import RowUpdate, Workspace, update_rows
 from ..rules.configs import RuleConfig
 from ..rules.optimizers import count_quantile
 from ..rules.slot_names import COUNT, LAST_STEP, rename_previous_buffers
-from ..rules.transforms import scale_by_row_frequency, track_row_history
+from ..rules.transforms import scale_by_row_frequency
 from . import fused_cpu, triton_rows
 from .fused_cpu import FusedChain, LookupGrad
 from .inputs import (DeviceChecks, KernelOptions, check_bounds, check_input_tensors, nonfinite_features,
                      refused_update_message)
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
-from .sharpness import CapturedGrouping, CapturedRows, CountPeaks, SavedRows, row_scale, table_segments
+from .sharpness import (CapturedGrouping, CapturedRows, CountPeaks, SavedRows, counts_only_grow, reused_rows, row_scale,
+                        table_segments)
 
 POOLING_MODES = ("sum", "mean")
 _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
@@ -303,6 +304,7 @@ class AdaptiveTBE(nn.Module):
         self._perturbed: list[SavedRows] = []
         self._groupings: dict[int, CapturedGrouping] = {}  # the last capture's, per dim group (Helen)
         self._count_peaks = CountPeaks()  # max c_r per table, once Helen asks for it
+        self._captured_grads: dict[int, Tensor] = {}  # per dim group, g_r of Helen's capture (CPU loops), reused
         self._const_cache: dict[tuple[str, torch.device], Tensor] = {}
         self._paths: dict[tuple[torch.device, torch.dtype], UpdatePath] = {}  # planned per device (.to() moves)
         self._checks = DeviceChecks(lay, self._feature_cols, self.options.sync_check_interval)
@@ -731,7 +733,8 @@ class AdaptiveTBE(nn.Module):
             if self._fused is not None:  # CPU: g_r and its norm in one C++ pass, into reused buffers
                 rows, occurrences, grad = self._fused.coalesce(
                     lk.indices, lk.offsets, lk.per_sample_weights, self.pooling, g.num_rows, batch.bag_grads, f"capture/{gi}")
-                dense, norm = self._fused.capture(rows, grad, gi)
+                dense = reused_rows(self._captured_grads, gi, rows.numel(), g.dim)
+                norm = self._fused.row_norms(rows, grad, dense)
             else:
                 rows, occurrences, grad = self._sorted_lookups(lk, batch.bag_grads)
                 dense = grad.materialize()
@@ -748,16 +751,12 @@ class AdaptiveTBE(nn.Module):
         buf = self._slot_buffer(COUNT) if any(s.name == COUNT for s in self._slots) else None
         return buf._version if buf is not None and self._count_peaks.valid_for(buf) else None
 
-    def _counts_only_grow(self) -> bool:
-        """c_r <- c_r + occ (no half-life): an update never lowers a table's max count."""
-        return all(t.half_life == 0 for t in self.chain.transforms if isinstance(t, track_row_history))
-
     def _fold_count_peaks(self, g: DimGroup, rows: Tensor, version_before: int | None) -> None:
         """Keep the running max count current through an update of ``rows`` (a no-op
         until Helen first asks for it)."""
         if version_before is None:
             return
-        if not self._counts_only_grow():
+        if not counts_only_grow(self.chain):
             self._count_peaks.invalidate()
             return
         starts, tables = self._group_tables(g, rows.device)

@@ -146,7 +146,6 @@ class FusedChain:
     ext: Any = None
     workspaces: dict[str, CoalesceWorkspace] = field(default_factory=dict, compare=False, repr=False)
     saved: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)  # Helen's original rows
-    captured_grads: dict[int, Tensor] = field(default_factory=dict, compare=False, repr=False)  # Helen's g_r
 
     @staticmethod
     def plan(chain: RowChain, ext: ModuleType | None = None) -> FusedChain | None:
@@ -226,29 +225,20 @@ class FusedChain:
             ext.rowwise_adagrad_rows_(weight, state[ACCUMULATOR], *lookups, lr, keep_arg, self.base.eps, l2,
                                       *self.base.accumulation())
 
-    def capture(self, rows: Tensor, grad: LookupGrad, group: int) -> tuple[Tensor, Tensor]:
-        """Helen's capture: each row's summed gradient g_r [U, D] and ||g_r|| [U]. g_r lives
-        in a buffer reused at the group's next capture: the [bags, D] output gradient it is
-        summed from (larger) is then not kept past the backward."""
-        g = self._helen_buffer(self.captured_grads, group, rows.numel(), grad.bag_grads.shape[1])
-        norms = self.ext.row_grad_norms(rows, grad.row_offsets, grad.bags,
-                                        grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads, g)
-        return g, norms
+    def row_norms(self, rows: Tensor, grad: LookupGrad, out: Tensor) -> Tensor:
+        """||g_r|| [U] of each row (Helen's capture), writing g_r into ``out`` [U, D]."""
+        return self.ext.row_grad_norms(rows, grad.row_offsets, grad.bags,
+                                       grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads, out)
 
     def perturb(self, weight: Tensor, rows: Tensor, grad: Tensor, scale: Tensor, group: int) -> Tensor:
-        """w_r += scale_r g_r in place (Helen); returns the rows' original values, held in a
-        buffer reused at the group's next perturbation (restored before it)."""
-        values = self._helen_buffer(self.saved, group, rows.numel(), weight.shape[1])
+        """w_r += scale_r g_r in place (Helen; ``grad`` [U, D]); returns the rows' original values,
+        held in a buffer reused at the group's next perturbation (restored before it)."""
+        n = rows.numel() * weight.shape[1]
+        if self.saved.get(group, _EMPTY).numel() < n:
+            self.saved[group] = torch.empty(n + n // 4)
+        values = self.saved[group][:n].view(rows.numel(), weight.shape[1])
         self.ext.perturb_rows_(weight, rows, grad, scale.float().contiguous(), values)
         return values
-
-    @staticmethod
-    def _helen_buffer(store: dict[int, Tensor], group: int, n: int, d: int) -> Tensor:
-        """A [n, d] float32 view of ``store[group]``, grown (never shrunk): no fresh
-        multi-MB tensor, and its page faults, per step."""
-        if store.get(group, _EMPTY).numel() < n * d:
-            store[group] = torch.empty(n * d + n * d // 4)
-        return store[group][: n * d].view(n, d)
 
     def restore(self, weight: Tensor, rows: Tensor, values: Tensor) -> None:
         """w_r <- the saved original rows (Helen's restore, bit-exact)."""

@@ -9,7 +9,7 @@ subtracting eps) leaves no floating-point residue of eps.
 
 On CPU the fused loops do each in one pass over the touched rows: the capture sums
 g_r from the lookups into a reused [U, D] buffer and takes its norm
-(``fused_cpu.FusedChain.capture``; keeping g_r, not the lookups, frees the larger
+(``fused_cpu.FusedChain.row_norms``; keeping g_r, not the lookups, frees the larger
 [bags, D] output gradient with the backward, and the perturbation then reads g_r in
 order), one pass saves each row into a reused buffer and adds scale_r g_r in place
 (``FusedChain.perturb``), and one copies the saved rows back
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..rules.base import RowChain
+from ..rules.transforms import track_row_history
 from .fused_cpu import LookupGrad
 
 
@@ -49,6 +51,19 @@ class CapturedRows:
     def table_peaks(self) -> Tensor:
         """max c_r over the captured rows of each of ``tables`` [T_g] (0 where none)."""
         return torch.segment_reduce(self.counts, "max", lengths=self.table_rows, unsafe=True, initial=0)
+
+
+def counts_only_grow(chain: RowChain) -> bool:
+    """c_r <- c_r + occ (no half-life): an update never lowers a table's max count."""
+    return all(t.half_life == 0 for t in chain.transforms if isinstance(t, track_row_history))
+
+
+def reused_rows(store: dict[int, Tensor], key: int, n: int, d: int) -> Tensor:
+    """A [n, d] float32 view of ``store[key]``, grown (never shrunk) and kept: a fresh
+    multi-MB tensor per step costs its page faults on CPU."""
+    if key not in store or store[key].numel() < n * d:
+        store[key] = torch.empty(n * d + n * d // 4)
+    return store[key][: n * d].view(n, d)
 
 
 def table_segments(rows: Tensor, table_row_starts: Tensor) -> Tensor:
