@@ -77,12 +77,11 @@ def table_segments(rows: Tensor, table_row_starts: Tensor) -> Tensor:
 def row_scale(cap: CapturedRows, rho: float, xi: float, max_count: Tensor) -> Tensor:
     """rho_r / ||g_r|| [U] (0 where g_r = 0), so eps_r = scale_r g_r; ``max_count`` [T] is
     max c_r per table (all shards)."""
-    peak = torch.repeat_interleave(max_count[cap.tables].to(cap.counts.dtype), cap.table_rows,
-                                   output_size=cap.rows.numel())
-    ratio = torch.where(peak > 0, cap.counts / peak.clamp(min=1e-30), torch.zeros_like(cap.counts))
-    rho_r = rho * torch.clamp(ratio, min=xi)
-    norm = cap.norm
-    return torch.where(norm > 0, rho_r / norm.clamp(min=1e-30), torch.zeros_like(norm)).to(norm.dtype)
+    peak = max_count[cap.tables].to(cap.counts.dtype)
+    inv_peak = torch.where(peak > 0, 1.0 / peak.clamp(min=1e-30), torch.zeros_like(peak))  # per table: [T_g] ops
+    ratio = cap.counts * torch.repeat_interleave(inv_peak, cap.table_rows, output_size=cap.rows.numel())
+    rho_r = (rho * torch.clamp(ratio, min=xi)).to(cap.norm.dtype)
+    return torch.where(cap.norm > 0, rho_r / cap.norm, torch.zeros_like(rho_r))  # g_r = 0: no perturbation
 
 
 @dataclass
