@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .collectives import collective_device
 
 
 class Helen:
@@ -59,19 +60,31 @@ class Helen:
         if split:
             raise ValueError(f"Helen normalizes each row's gradient, which column-wise sharding splits: {split}")
         self.dense_params = [p for g in dense_optimizer.param_groups for p in g["params"]] if dense_optimizer else []
+        self._names: list[str] | None = None  # every rank's table names (see _global_table_names)
 
     def _max_counts(self) -> dict[str, float]:
+        """max c_r per table over every kernel and rank, counting this batch: one
+        all_reduce(MAX) of a tensor when a process group runs (none in a single process)."""
         local: dict[str, float] = {}
         for k in self.kernels:
             for name, c in k.local_max_counts().items():
                 local[name] = max(local.get(name, 0.0), c)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[dict[str, float] | None] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, local)
-            for g in gathered:
-                for name, c in (g or {}).items():
-                    local[name] = max(local.get(name, 0.0), c)
-        return local
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            return local
+        names = self._global_table_names(local)
+        peaks = torch.tensor([local.get(n, 0.0) for n in names], dtype=torch.float64, device=collective_device())
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+        return dict(zip(names, peaks.tolist()))
+
+    def _global_table_names(self, local: dict[str, float]) -> list[str]:
+        """Every rank's table names, in one order on all ranks: gathered once (the kernels,
+        hence the names, are fixed for this Helen's life)."""
+        if self._names is None:
+            gathered: list[list[str] | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, sorted(local))
+            self._names = sorted({n for g in gathered for n in (g or [])})
+        return self._names
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor:
         """Runs both passes; ``closure`` computes the loss (forward only, no backward).
@@ -87,13 +100,13 @@ class Helen:
             peaks = self._max_counts()
             for k in self.kernels:
                 k.perturb_captured(self.rho, self.xi, peaks)
-            saved = [p.detach().clone() for p in self.dense_params]
-            grads = [p.grad for p in self.dense_params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
-            if norm is not None and float(norm) > 0 and self.rho > 0:
-                for p in self.dense_params:
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=self.rho / float(norm))
+            params = [p for p in self.dense_params if p.grad is not None]
+            saved = [p.detach().clone() for p in params]
+            if params and self.rho > 0:
+                grads = [p.grad for p in params]
+                norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+                if norm > 0:
+                    torch._foreach_add_(params, grads, alpha=self.rho / norm)
         if self.dense_optimizer is not None:
             self.dense_optimizer.zero_grad()
         try:
@@ -102,8 +115,8 @@ class Helen:
             for k in self.kernels:
                 k.restore_perturbation()  # no-op unless the second backward failed
             with torch.no_grad():
-                for p, s in zip(self.dense_params, saved):
-                    p.copy_(s)
+                if params:
+                    torch._foreach_copy_(params, saved)
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
         return loss.detach()

@@ -64,7 +64,8 @@ from .inputs import (DeviceChecks, KernelOptions, check_bounds, check_input_tens
                      nonfinite_features, offsets_range_message, raise_or_warn_bad_ids, refused_update_message)
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
-from .sharpness import CapturedRows, SavedRows, row_scale
+from .sharpness import (CapturedGrouping, CapturedRows, CountPeaks, SavedRows, counts_only_grow, reused_rows, row_scale,
+                        table_segments)
 
 POOLING_MODES = ("sum", "mean")
 _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
@@ -301,6 +302,9 @@ class AdaptiveTBE(nn.Module):
         self._refusals: list[str] = []
         self.captured: list[CapturedRows] = []
         self._perturbed: list[SavedRows] = []
+        self._groupings: dict[int, CapturedGrouping] = {}  # the last capture's, per dim group (Helen)
+        self._count_peaks = CountPeaks()  # max c_r per table, once Helen asks for it
+        self._captured_grads: dict[int, Tensor] = {}  # per dim group, g_r of Helen's capture (CPU loops), reused
         self._const_cache: dict[tuple[str, torch.device], Tensor] = {}
         self._paths: dict[tuple[torch.device, torch.dtype], UpdatePath] = {}  # planned per device (.to() moves)
         self._checks = DeviceChecks(lay, self._feature_cols, self.options.sync_check_interval)
@@ -607,32 +611,41 @@ class AdaptiveTBE(nn.Module):
                 self._refresh_due or (step - 1) % self.rule.fal.tau_refresh_steps == 0):  # type: ignore[union-attr]
             self.refresh_row_statistics()
         self._refresh_due = False
-        for g, batch in zip(lay.groups, batches):
+        groupings, self._groupings = self._groupings, {}  # a capture's grouping serves the next update only
+        for gi, (g, batch) in enumerate(zip(lay.groups, batches)):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
             if path.backend == "triton":
+                self._count_peaks.invalidate()  # its kernels write the counts where the version does not see
                 self._triton_update(path.plan, g, batch, step, finite)
             else:
-                self._host_update(path.plan if path.backend == "cpu" else None, g, batch, step)
+                self._host_update(path.plan if path.backend == "cpu" else None, g, batch, step, groupings.get(gi))
         self.optimizer_step = step
         if path.device_checks:
             self._checks.end_step(step)
 
-    def _host_update(self, plan: FusedChain | None, g: DimGroup, batch: GroupBatch, step: int) -> None:
-        """One dim group's update by the compiled CPU loops (``plan``) or the eager chain."""
+    def _host_update(self, plan: FusedChain | None, g: DimGroup, batch: GroupBatch, step: int,
+                     captured: CapturedGrouping | None = None) -> None:
+        """One dim group's update by the compiled CPU loops (``plan``) or the eager chain;
+        ``captured``: a Helen capture's grouping, used if it was of the same lookups."""
         w, state = self._group_views(g)
-        if plan is not None:  # CPU: lookups grouped by row in C++, then the fused loops
-            lk = batch.lookups.compact()
+        lk = batch.lookups.compact()
+        counts_version = self._counts_version()
+        if captured is not None and captured.matches(lk.indices, lk.offsets, lk.per_sample_weights):
+            rows, occurrences, grad = captured.rows, captured.occurrences, captured.with_bag_grads(batch.bag_grads, torch.float32 if plan is not None else batch.bag_grads.dtype)
+        elif plan is not None:  # CPU: lookups grouped by row in C++
             rows, occurrences, grad = plan.coalesce(
                 lk.indices, lk.offsets, lk.per_sample_weights, self.pooling, g.num_rows, batch.bag_grads)
-            lr, table = self._row_learning_rates(g, rows)
+        else:
+            rows, occurrences, grad = self._sorted_lookups(lk, batch.bag_grads)
+        lr, table = self._row_learning_rates(g, rows)
+        if plan is not None:  # the fused loops
             plan.update(w, state, RowUpdate(rows, _NO_GRAD, occurrences, lr, table, self.learning_rate), grad, step,
                         self.epoch)
-            return
-        rows, occurrences, grad = self._sorted_lookups(batch.lookups, batch.bag_grads)
-        lr, table = self._row_learning_rates(g, rows)
-        upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
-        update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
+        else:
+            upd = RowUpdate(rows, grad.materialize(), occurrences, lr, table, self.learning_rate)
+            update_rows(self.chain, w, state, upd, step, self.epoch, self._workspace)
+        self._fold_count_peaks(g, rows, counts_version)
 
     def _triton_update(self, plan: triton_rows.TritonChain, g: DimGroup, batch: GroupBatch, step: int,
                        finite: Tensor | None) -> None:
@@ -732,6 +745,7 @@ class AdaptiveTBE(nn.Module):
         self._capture_next = True
         self._refuse_next_update = False
         self.captured = []
+        self._groupings = {}
 
     def _capture(self, batches: list[GroupBatch]) -> None:
         self._capture_next = False
@@ -740,29 +754,54 @@ class AdaptiveTBE(nn.Module):
             if not g.features or batch.lookups.indices.numel() == 0:
                 continue
             lk = batch.lookups.compact()
-            if self._fused is not None:  # CPU: no [U, D] gradient is stored, only its lookups and norms
+            if self._fused is not None:  # CPU: g_r and its norm in one C++ pass, into reused buffers
                 rows, occurrences, grad = self._fused.coalesce(
                     lk.indices, lk.offsets, lk.per_sample_weights, self.pooling, g.num_rows, batch.bag_grads, f"capture/{gi}")
-                dense, norm = None, self._fused.row_norms(rows, grad)
+                dense = reused_rows(self._captured_grads, gi, rows.numel(), g.dim)
+                norm = self._fused.row_norms(rows, grad, dense)
             else:
                 rows, occurrences, grad = self._sorted_lookups(lk, batch.bag_grads)
                 dense = grad.materialize()
                 norm = dense.norm(dim=1)
-            starts = torch.tensor(g.table_row_starts, device=rows.device)
-            table = torch.tensor(g.tables, device=rows.device)[torch.searchsorted(starts, rows, right=True) - 1]
-            c = counts[g.row_start : g.row_start + g.num_rows][rows] + occurrences
-            self.captured.append(CapturedRows(gi, rows, c, table, norm, grad, dense))
+            # the second pass's update reuses this grouping if its lookups are these (checked there)
+            self._groupings[gi] = CapturedGrouping.of(lk.indices, lk.offsets, lk.per_sample_weights, rows, occurrences,
+                                                      grad)
+            starts, tables = self._group_tables(g, rows.device)
+            c = counts[g.row_start : g.row_start + g.num_rows].index_select(0, rows) + occurrences
+            self.captured.append(CapturedRows(gi, rows, c, tables, table_segments(rows, starts), norm, dense))
+
+    def _counts_version(self) -> int | None:
+        """The count buffer's version when the running per-table max is current, else None."""
+        buf = self._slot_buffer(COUNT) if any(s.name == COUNT for s in self._slots) else None
+        return buf._version if buf is not None and self._count_peaks.valid_for(buf) else None
+
+    def _fold_count_peaks(self, g: DimGroup, rows: Tensor, version_before: int | None) -> None:
+        """Keep the running max count current through an update of ``rows`` (a no-op
+        until Helen first asks for it)."""
+        if version_before is None:
+            return
+        if not counts_only_grow(self.chain):
+            self._count_peaks.invalidate()
+            return
+        starts, tables = self._group_tables(g, rows.device)
+        new = self._slot_buffer(COUNT)[g.row_start : g.row_start + g.num_rows].index_select(0, rows)
+        peaks = torch.segment_reduce(new, "max", lengths=table_segments(rows, starts), unsafe=True, initial=0)
+        self._count_peaks.fold(self._slot_buffer(COUNT), version_before, tables, peaks)
+
+    def stored_count_peaks(self) -> Tensor:
+        """[T] max stored c_r of each kernel table (running, see ``sharpness.CountPeaks``)."""
+        lay = self.layout
+        return self._count_peaks.get(self._slot_buffer(COUNT), list(lay.row_start),
+                                     [t.num_rows for t in lay.tables])
 
     def local_max_counts(self) -> dict[str, float]:
         """max c_r per table on this rank, counting the captured batch (for rho_r)."""
-        out: dict[str, float] = {}
-        states = self.get_optimizer_state()
-        for t, spec in enumerate(self.layout.tables):
-            out[spec.table_name] = max(out.get(spec.table_name, 0.0), float(states[t][COUNT].max()))
+        peak = self.stored_count_peaks().clone()
         for cap in self.captured:
-            for t in cap.table.unique().tolist():
-                name = self.layout.tables[t].table_name
-                out[name] = max(out[name], float(cap.counts[cap.table == t].max()))
+            peak[cap.tables] = torch.maximum(peak[cap.tables], cap.table_peaks().to(peak.dtype))
+        out: dict[str, float] = {}
+        for spec, c in zip(self.layout.tables, peak.tolist()):
+            out[spec.table_name] = max(out.get(spec.table_name, 0.0), c)
         return out
 
     @torch.no_grad()
@@ -775,12 +814,12 @@ class AdaptiveTBE(nn.Module):
         for cap in self.captured:
             w, _ = self._group_views(self.layout.groups[cap.group])
             scale = row_scale(cap, rho, xi, peak)
-            if cap.dense is None:  # fused CPU capture: perturb in place, saving the rows in one pass
-                assert self._fused is not None
-                self._perturbed.append(SavedRows(w, cap.rows, self._fused.perturb(w, cap.rows, cap.grad, scale, cap.group)))
+            if self._fused is not None:  # CPU: save and perturb each row in one pass
+                values = self._fused.perturb(w, cap.rows, cap.grad, scale, cap.group)
+                self._perturbed.append(SavedRows(w, cap.rows, values, self._fused))
                 continue
             self._perturbed.append(SavedRows(w, cap.rows, w.index_select(0, cap.rows)))
-            w.index_add_(0, cap.rows, (cap.dense * scale.unsqueeze(1)).to(w.dtype))
+            w.index_add_(0, cap.rows, (cap.grad * scale.unsqueeze(1)).to(w.dtype))
         self.captured = []
 
     @torch.no_grad()

@@ -249,22 +249,24 @@ class FusedChain:
             buf = self.scratch[name] = torch.empty(n + n // 4, dtype=dtype)
         return buf[:n]
 
-    def row_norms(self, rows: Tensor, grad: LookupGrad) -> Tensor:
-        """||g_r|| [U] of each row (Helen's capture), without writing the [U, D] gradient."""
+    def row_norms(self, rows: Tensor, grad: LookupGrad, out: Tensor) -> Tensor:
+        """||g_r|| [U] of each row (Helen's capture), writing g_r into ``out`` [U, D]."""
         return self.ext.row_grad_norms(rows, grad.row_offsets, grad.bags,
-                                       grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads)
+                                       grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads, out)
 
-    def perturb(self, weight: Tensor, rows: Tensor, grad: LookupGrad, scale: Tensor, group: int) -> Tensor:
-        """w_r += scale_r g_r in place (Helen); returns the rows' original values, held in a
-        buffer reused at the group's next perturbation (restored before it)."""
+    def perturb(self, weight: Tensor, rows: Tensor, grad: Tensor, scale: Tensor, group: int) -> Tensor:
+        """w_r += scale_r g_r in place (Helen; ``grad`` [U, D]); returns the rows' original values,
+        held in a buffer reused at the group's next perturbation (restored before it)."""
         n = rows.numel() * weight.shape[1]
         if self.saved.get(group, _EMPTY).numel() < n:
             self.saved[group] = torch.empty(n + n // 4)
         values = self.saved[group][:n].view(rows.numel(), weight.shape[1])
-        self.ext.perturb_rows_(weight, rows, grad.row_offsets, grad.bags,
-                               grad.weight if grad.weight is not None else _EMPTY, grad.bag_grads,
-                               scale.float().contiguous(), values)
+        self.ext.perturb_rows_(weight, rows, grad, scale.float().contiguous(), values)
         return values
+
+    def restore(self, weight: Tensor, rows: Tensor, values: Tensor) -> None:
+        """w_r <- the saved original rows (Helen's restore, bit-exact)."""
+        self.ext.restore_rows_(weight, rows, values)
 
 
 _EMPTY = torch.empty(0)

@@ -399,18 +399,24 @@ void row_history_(at::Tensor last, at::Tensor count, at::Tensor rows, at::Tensor
   });
 }
 
-// Helen's capture: ||g_r|| of each touched row, summing its lookups as the update
-// loops do, so the [U, D] gradient is never written.
+// Helen's capture: each touched row's gradient g_r, summed from its lookups as the
+// update loops do, written into `grad` [U, D] (a buffer reused from step to step), and
+// ||g_r||. Keeping g_r instead of the lookups lets the [bags, D] output gradient (larger:
+// one row per bag) be freed with the backward, and the perturbation read g_r in order.
 at::Tensor row_grad_norms(at::Tensor rows, at::Tensor row_offsets, at::Tensor bags, at::Tensor lookup_weight,
-                          at::Tensor bag_grads) {
+                          at::Tensor bag_grads, at::Tensor grad) {
   const int64_t D = bag_grads.size(1), U = rows.size(0);
   const LookupGrad lg = lookup_grad(D, rows, row_offsets, bags, lookup_weight, bag_grads);
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == U &&
+                  grad.size(1) == D,
+              "grad must be float32 [U, D]");
   at::Tensor out = at::empty({U}, bag_grads.options());
   float* np = out.data_ptr<float>();
+  float* gp = grad.data_ptr<float>();
   at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
-    std::vector<float> buf(D);
-    float* __restrict__ gr = buf.data();
     for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchRows < end) lg.prefetch(u + kPrefetchRows, D);
+      float* __restrict__ gr = gp + u * D;
       lg.row(u, D, gr);
       float sq = 0.0f;
 #pragma omp simd reduction(+ : sq)
@@ -421,13 +427,14 @@ at::Tensor row_grad_norms(at::Tensor rows, at::Tensor row_offsets, at::Tensor ba
   return out;
 }
 
-// Helen's perturbation in place: saved[u] <- w[rows[u]], then w[rows[u]] += scale[u] * g_u
-// (g_u summed from the lookups again: cheaper than keeping [U, D] from the capture).
-void perturb_rows_(at::Tensor weight, at::Tensor rows, at::Tensor row_offsets, at::Tensor bags,
-                   at::Tensor lookup_weight, at::Tensor bag_grads, at::Tensor scale, at::Tensor saved) {
+// Helen's perturbation in place: saved[u] <- w[rows[u]], then w[rows[u]] += scale[u] * grad[u].
+void perturb_rows_(at::Tensor weight, at::Tensor rows, at::Tensor grad, at::Tensor scale, at::Tensor saved) {
   check_weight(weight);
-  const int64_t D = weight.size(1), U = rows.size(0);
-  const LookupGrad lg = lookup_grad(D, rows, row_offsets, bags, lookup_weight, bag_grads);
+  const int64_t D = weight.size(1), U = rows.size(0), R = weight.size(0);
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be int64 [U]");
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 && grad.size(0) == U &&
+                  grad.size(1) == D,
+              "grad must be float32 [U, D]");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == U,
               "scale must be float32 [U]");
   TORCH_CHECK(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 2 && saved.size(0) == U &&
@@ -435,15 +442,16 @@ void perturb_rows_(at::Tensor weight, at::Tensor rows, at::Tensor row_offsets, a
               "saved must be float32 [U, D]");
   float* w = weight.data_ptr<float>();
   float* sv = saved.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
   const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) TORCH_CHECK(r[u] >= 0 && r[u] < R, "row ", r[u], " is outside the ", R, " rows");
   const float* sp = scale.data_ptr<float>();
   at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
-    std::vector<float> buf(D);
-    float* __restrict__ gr = buf.data();
     for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchRows < end) prefetch_row(w, r[u + kPrefetchRows] * D, D);  // rows are random
       float* __restrict__ wr = w + r[u] * D;
       float* __restrict__ so = sv + u * D;
-      lg.row(u, D, gr);
+      const float* __restrict__ gr = gp + u * D;
       const float s = sp[u];
 #pragma omp simd
       for (int64_t j = 0; j < D; ++j) {
@@ -580,14 +588,37 @@ std::vector<at::Tensor> prepare_lookups(at::Tensor indices, at::Tensor offsets, 
   return out;
 }
 
+// Helen's restore: w[rows[u]] <- saved[u], bit-exact (index_copy_ with the next rows
+// prefetched and the rows split over the threads: the rows are random, so the
+// latency of each row's first touch, not the bytes, is what a plain copy waits on).
+void restore_rows_(at::Tensor weight, at::Tensor rows, at::Tensor saved) {
+  check_weight(weight);
+  const int64_t D = weight.size(1), U = rows.numel(), R = weight.size(0);
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(), "rows must be int64 [U]");
+  TORCH_CHECK(saved.scalar_type() == at::kFloat && saved.is_contiguous() && saved.dim() == 2 && saved.size(0) == U &&
+                  saved.size(1) == D,
+              "saved must be float32 [U, D]");
+  float* w = weight.data_ptr<float>();
+  const float* sv = saved.data_ptr<float>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t u = 0; u < U; ++u) TORCH_CHECK(r[u] >= 0 && r[u] < R, "row ", r[u], " is outside the ", R, " rows");
+  at::parallel_for(0, U, 256, [=](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchRows < end) prefetch_row(w, r[u + kPrefetchRows] * D, D);
+      std::memcpy(w + r[u] * D, sv + u * D, sizeof(float) * D);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("prepare_lookups", &prepare_lookups, "the forward's checks, block rows and bag order in one pass");
   m.def("row_history_", &row_history_, "s_r and c_r of the touched rows (track_row_history) in place");
   m.def("coalesce_lookups", &coalesce_lookups, "group lookups by row in one radix pass");
   m.def("adam_rows_", &adam_rows_, "fused lazy Adam on rows (in place)");
   m.def("rowwise_adagrad_rows_", &rowwise_adagrad_rows_, "fused row-wise Adagrad / RMSprop on rows (in place)");
-  m.def("row_grad_norms", &row_grad_norms, "||g_r|| of each touched row (Helen's capture)");
+  m.def("row_grad_norms", &row_grad_norms, "g_r and ||g_r|| of each touched row (Helen's capture)");
   m.def("perturb_rows_", &perturb_rows_, "w_r += scale_r g_r, saving the originals (Helen)");
+  m.def("restore_rows_", &restore_rows_, "w_r <- saved_r (Helen's restore)");
   m.attr("source_hash") = TRA_STR(TORCHREC_ADAPTIVE_SOURCE_HASH);
   m.attr("isa") = TRA_STR(TORCHREC_ADAPTIVE_ISA);
 }
