@@ -44,7 +44,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--no-malloc-env", action="store_true",
+                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for both cases alike)")
     args = ap.parse_args()
+    machine.malloc_env(not args.no_malloc_env)  # re-runs this script with the allocator set
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = ks.Shape(tables=4, rows=20_000, dim=32, batch=512) if args.quick else ks.Shape()
