@@ -104,9 +104,11 @@ class Helen:
             saved = [p.detach().clone() for p in params]
             if params and self.rho > 0:
                 grads = [p.grad for p in params]
-                norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+                # one norm over all dense gradients (PyTorch's public total-norm helper, foreach inside)
+                norm = float(torch.nn.utils.get_total_norm(grads))
                 if norm > 0:
-                    torch._foreach_add_(params, grads, alpha=self.rho / norm)
+                    for p, g in zip(params, grads):
+                        p.add_(g, alpha=self.rho / norm)
         if self.dense_optimizer is not None:
             self.dense_optimizer.zero_grad()
         try:
@@ -115,8 +117,8 @@ class Helen:
             for k in self.kernels:
                 k.restore_perturbation()  # no-op unless the second backward failed
             with torch.no_grad():
-                if params:
-                    torch._foreach_copy_(params, saved)
+                for p, v in zip(params, saved):
+                    p.copy_(v)
         if self.dense_optimizer is not None:
             self.dense_optimizer.step()
         return loss.detach()
