@@ -225,10 +225,11 @@ _PRIVATE = re.compile(
     r"|\._(optimizer_classes|optimizer_kwargs|in_backward_optimizers|lookups|embedding_shardings|process_group"
     r"|grouped_embedding_configs\w*|set_params_and_buffers_to_ignore_for_model|sharded_module_order_overwrite"
     r"|calculate_optimizer_sizes|weight_init_mins|weight_init_maxs|feature_table_map|param_per_table"
-    r"|create_embedding_kernel|create_lookups|initialize_torch_state|get_preferred_device)\b")
+    r"|create_embedding_kernel|create_lookups|initialize_torch_state|get_preferred_device|version)\b")
 # Uses outside distributed/ with a reason: kernels/ must import without TorchRec.
 _ALLOWED = {("torchrec_adaptive/kernels/batched.py", "torch.autograd.Variable._execution_engine"),
-            ("torchrec_adaptive/apps/dlrm/quiet.py", "torch.fx._symbolic_trace")}
+            ("torchrec_adaptive/apps/dlrm/quiet.py", "torch.fx._symbolic_trace"),
+            ("torchrec_adaptive/kernels/sharpness.py", "._version")}
 
 
 def test_no_private_outside_the_seam() -> None:

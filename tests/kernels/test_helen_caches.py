@@ -154,3 +154,20 @@ def test_running_max_count_with_decaying_counts():
         assert torch.equal(k.stored_count_peaks(), scanned_peaks(k)), f"after step {i}"
         hot = torch.cat([hot, scanned_peaks(k).unsqueeze(0)])
     assert (hot.diff(dim=0) < 0).any(), "no table's max count went down: the decay was not exercised"
+
+
+def test_canary_tensor_version_counts_in_place_writes():
+    """Canary for the one PyTorch private the running max relies on (sharpness.buffer_version,
+    ``Tensor._version``): every in-place write to a buffer, directly or through a view of it,
+    advances the counter, and reading does not."""
+    from torchrec_adaptive.kernels.sharpness import buffer_version
+
+    buf = torch.zeros(10, dtype=torch.float64)
+    v0 = buffer_version(buf)
+    _ = buf.max(), buf[2:5].sum()
+    assert buffer_version(buf) == v0
+    buf.index_copy_(0, torch.tensor([1]), torch.ones(1, dtype=torch.float64))
+    v1 = buffer_version(buf)
+    assert v1 > v0
+    buf[3:6].copy_(torch.ones(3, dtype=torch.float64))  # a view's write (a checkpoint load, MEDA)
+    assert buffer_version(buf) > v1

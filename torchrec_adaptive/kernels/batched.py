@@ -64,8 +64,8 @@ from .inputs import (DeviceChecks, KernelOptions, check_bounds, check_input_tens
                      nonfinite_features, offsets_range_message, raise_or_warn_bad_ids, refused_update_message)
 from .layout import DimGroup, TableSpec, plan_layout
 from .reinit import hashed_uniform, table_salt
-from .sharpness import (CapturedGrouping, CapturedRows, CountPeaks, SavedRows, counts_only_grow, reused_rows, row_scale,
-                        table_segments)
+from .sharpness import (CapturedGrouping, CapturedRows, CountPeaks, SavedRows, buffer_version, counts_only_grow,
+                        reused_rows, row_scale, table_segments)
 
 POOLING_MODES = ("sum", "mean")
 _NO_GRAD = torch.empty(0)  # RowUpdate.grad for the fused loops, which sum the lookups themselves
@@ -773,7 +773,7 @@ class AdaptiveTBE(nn.Module):
     def _counts_version(self) -> int | None:
         """The count buffer's version when the running per-table max is current, else None."""
         buf = self._slot_buffer(COUNT) if any(s.name == COUNT for s in self._slots) else None
-        return buf._version if buf is not None and self._count_peaks.valid_for(buf) else None
+        return buffer_version(buf) if buf is not None and self._count_peaks.valid_for(buf) else None
 
     def _fold_count_peaks(self, g: DimGroup, rows: Tensor, version_before: int | None) -> None:
         """Keep the running max count current through an update of ``rows`` (a no-op

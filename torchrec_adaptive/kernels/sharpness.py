@@ -136,6 +136,14 @@ class CapturedGrouping:
         return LookupGrad(self.row_offsets, self.bags, self.weight, bag_grads.to(dtype).contiguous())
 
 
+def buffer_version(t: Tensor) -> int:
+    """PyTorch's counter of in-place writes to ``t``'s storage (``Tensor._version``, what
+    autograd checks saved tensors with). A private attribute, used here only: no public
+    API tells whether a tensor was written since a given moment. Canary:
+    tests/kernels/test_helen_caches.py (in-place ops on the tensor or a view bump it)."""
+    return t._version
+
+
 class CountPeaks:
     """max c_r of each kernel table over its stored counts, kept up to date instead of
     scanned: a scan reads every row of every table each step (O(table rows)), while
@@ -153,14 +161,14 @@ class CountPeaks:
 
     def __init__(self) -> None:
         self._buffer: Tensor | None = None
-        self._version = -1
+        self._seen = -1
         self._peaks: Tensor | None = None  # [T], the buffer's dtype and device
 
     def invalidate(self) -> None:
         self._buffer, self._peaks = None, None
 
     def valid_for(self, buffer: Tensor) -> bool:
-        return self._peaks is not None and self._buffer is buffer and self._version == buffer._version
+        return self._peaks is not None and self._buffer is buffer and self._seen == buffer_version(buffer)
 
     def get(self, buffer: Tensor, row_start: list[int], num_rows: list[int]) -> Tensor:
         """[T] per-table max of ``buffer`` (tables at ``row_start`` with ``num_rows``); scans
@@ -168,15 +176,15 @@ class CountPeaks:
         if not self.valid_for(buffer):
             self._peaks = torch.stack([buffer[a : a + n].max() if n else buffer.new_zeros(())
                                        for a, n in zip(row_start, num_rows)])
-            self._buffer, self._version = buffer, buffer._version
+            self._buffer, self._seen = buffer, buffer_version(buffer)
         assert self._peaks is not None
         return self._peaks
 
     def fold(self, buffer: Tensor, version_before: int, tables: Tensor, peaks: Tensor) -> None:
         """An update that found the cache current (at ``version_before``) raised the
         counts of some rows to at most ``peaks`` per table of ``tables``: fold them in."""
-        if self._peaks is None or self._buffer is not buffer or self._version != version_before:
+        if self._peaks is None or self._buffer is not buffer or self._seen != version_before:
             self.invalidate()
             return
         self._peaks[tables] = torch.maximum(self._peaks[tables], peaks.to(self._peaks.dtype))
-        self._version = buffer._version
+        self._seen = buffer_version(buffer)
