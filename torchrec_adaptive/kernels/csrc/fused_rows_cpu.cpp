@@ -537,13 +537,15 @@ std::vector<at::Tensor> prepare_lookups(at::Tensor indices, at::Tensor offsets, 
     at::Tensor g_off = at::empty({bags + 1}, i64), g_len = at::empty({bags}, i64);
     int64_t* go = g_off.data_ptr<int64_t>();
     int64_t* gl = g_len.data_ptr<int64_t>();
+    at::parallel_for(0, bags, 8192, [&](int64_t begin, int64_t end) {  // lengths: strided reads of the offsets
+      Cursor c = cursor_at(begin);
+      for (int64_t k = begin; k < end; ++k, advance(c)) {
+        const int64_t s = feats[c.j] * B + c.b;
+        gl[k] = off[s + 1] - off[s];
+      }
+    });
     go[0] = 0;
-    Cursor c = cursor_at(0);
-    for (int64_t k = 0; k < bags; ++k, advance(c)) {
-      const int64_t s = feats[c.j] * B + c.b;
-      gl[k] = off[s + 1] - off[s];
-      go[k + 1] = go[k] + gl[k];
-    }
+    for (int64_t k = 0; k < bags; ++k) go[k + 1] = go[k] + gl[k];
     const int64_t Lg = go[bags];
     at::Tensor g_idx = at::empty({Lg}, i64);
     at::Tensor g_psw = weighted ? at::empty({Lg}, psw.options()) : at::empty({0}, psw.options());
