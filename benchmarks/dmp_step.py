@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json")
-    ap.add_argument("--no-malloc-env", action="store_true",
-                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for every case alike)")
+    machine.add_malloc_env_flag(ap)
     args = ap.parse_args(argv)
     if argv is None:  # run as a script: re-run with the allocator set (machine.malloc_env)
         machine.malloc_env(not args.no_malloc_env)

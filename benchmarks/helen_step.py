@@ -44,8 +44,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    ap.add_argument("--no-malloc-env", action="store_true",
-                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for both cases alike)")
+    machine.add_malloc_env_flag(ap)
     args = ap.parse_args()
     machine.malloc_env(not args.no_malloc_env)  # re-runs this script with the allocator set
     if args.threads:

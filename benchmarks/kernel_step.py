@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --floor-only: bandwidths for the floor (default: H100 SXM and H200 HBM3/3e)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
-    ap.add_argument("--no-malloc-env", action="store_true",
-                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for every case alike)")
+    machine.add_malloc_env_flag(ap)
     args = ap.parse_args(argv)
     if argv is None:  # run as a script: re-run with the allocator set (machine.malloc_env)
         machine.malloc_env(not args.no_malloc_env)

@@ -40,6 +40,12 @@ def fbgemm_isa(flags: set[str]) -> str:
     return f"{best} (FBGEMM_ENABLE_INSTRUCTIONS={forced})" if forced else best
 
 
+def add_malloc_env_flag(ap: Any) -> None:
+    """``--no-malloc-env`` on a benchmark's argparse parser (see :func:`malloc_env`)."""
+    ap.add_argument("--no-malloc-env", action="store_true",
+                    help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for every case alike)")
+
+
 def malloc_env(enabled: bool) -> None:
     """Re-runs this benchmark with glibc's allocator set as we recommend for CPU training
     (``host_memory.MALLOC_ENV``; glibc reads it at process start, hence the re-exec), so
