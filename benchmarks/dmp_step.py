@@ -97,14 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5, help="timed steps per case per round")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json")
-    machine.add_malloc_env_flag(ap)
-    args = ap.parse_args(argv)
-    if argv is None:  # run as a script: re-run with the allocator set (machine.malloc_env)
-        machine.malloc_env(not args.no_malloc_env)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = machine.parse_cpu_args(ap, argv)  # --threads, --no-malloc-env
     shape = Shape(rows=10_000, dim=16, batch=512) if args.quick else Shape()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

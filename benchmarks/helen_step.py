@@ -43,12 +43,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=4)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    machine.add_malloc_env_flag(ap)
-    args = ap.parse_args()
-    machine.malloc_env(not args.no_malloc_env)  # re-runs this script with the allocator set
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = machine.parse_cpu_args(ap)  # --threads, --no-malloc-env
     shape = ks.Shape(tables=4, rows=20_000, dim=32, batch=512) if args.quick else ks.Shape()
     batches = ks.make_batches(shape, 1, 4, torch.device("cpu"))
     y = torch.rand(shape.batch, generator=torch.Generator().manual_seed(0))

@@ -189,14 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-only", action="store_true", help="time nothing: bytes per step and the floors")
     ap.add_argument("--bandwidth-gbps", type=float, nargs="+", default=[3350.0, 4800.0],
                     help="with --floor-only: bandwidths for the floor (default: H100 SXM and H200 HBM3/3e)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--json", help="write results here")
-    machine.add_malloc_env_flag(ap)
-    args = ap.parse_args(argv)
-    if argv is None:  # run as a script: re-run with the allocator set (machine.malloc_env)
-        machine.malloc_env(not args.no_malloc_env)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = machine.parse_cpu_args(ap, argv)  # --threads, --no-malloc-env
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device cuda: torch.cuda.is_available() is False (torch {torch.__version__})")
     device = torch.device(args.device)

@@ -40,10 +40,21 @@ def fbgemm_isa(flags: set[str]) -> str:
     return f"{best} (FBGEMM_ENABLE_INSTRUCTIONS={forced})" if forced else best
 
 
-def add_malloc_env_flag(ap: Any) -> None:
-    """``--no-malloc-env`` on a benchmark's argparse parser (see :func:`malloc_env`)."""
+def parse_cpu_args(ap: Any, argv: list[str] | None = None) -> Any:
+    """Parses a CPU benchmark's arguments with the two flags they all take, ``--threads`` and
+    ``--no-malloc-env``; run as a script (``argv`` None) it first re-runs itself with the
+    allocator set (:func:`malloc_env`), then sets torch's threads."""
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--no-malloc-env", action="store_true",
                     help="glibc's allocator defaults instead of host_memory.MALLOC_ENV (for every case alike)")
+    args = ap.parse_args(argv)
+    if argv is None:
+        malloc_env(not args.no_malloc_env)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def malloc_env(enabled: bool) -> None:
